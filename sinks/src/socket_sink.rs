@@ -1,8 +1,8 @@
 //! A [`DumpSink`] that streams dumps to a collector over a Unix or TCP socket.
 //!
 //! [`SocketSink::begin`] to [`SocketSink::finish`] only write the dump into a
-//! bounded on-disk [`Spool`], so a slow or absent collector never blocks the
-//! dump worker. A background sender thread connects lazily, sends every
+//! bounded on-disk [`Spool`], so the dump worker waits for the local disk but
+//! never for the network or the collector. A background sender thread connects lazily, sends every
 //! spooled dump in order, and deletes an entry only when the collector
 //! acknowledges it, which the collector does only after the dump is durable.
 //! After a lost connection it reconnects with capped exponential backoff and
@@ -29,7 +29,7 @@ use crate::spool::{Spool, SpoolConfig, SpoolEntry, SpoolError, SpoolWriter};
 /// Largest `Data` frame payload the sink writes, in bytes.
 pub const DATA_FRAME_SIZE: usize = 64 * 1024;
 
-/// Where a collector listens.
+/// Collector address.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoint {
     /// A Unix-domain stream socket at this path (`unix:PATH`).
@@ -179,11 +179,11 @@ pub struct SocketSinkConfig {
     pub producer_id: Option<u64>,
     /// First wait after a failed connection or send. Default 100 ms.
     pub initial_backoff: Duration,
-    /// Longest wait between attempts; the wait doubles up to it. Default 10 s.
+    /// Maximum wait between attempts; the wait doubles up to it. Default 10 s.
     pub max_backoff: Duration,
     /// Timeout for connecting and for each read or write. Default 10 s.
     pub io_timeout: Duration,
-    /// Longest wait for the collector's `Ack` or `Reject` after a dump is sent. Default 120 s.
+    /// Maximum wait for the collector's `Ack` or `Reject` after a dump is sent. Default 120 s.
     pub reply_timeout: Duration,
 }
 
@@ -540,7 +540,7 @@ impl Drop for SocketSink {
     }
 }
 
-/// Why sending an entry stopped.
+/// Result of sending one spool entry.
 enum SendOutcome {
     /// The collector acknowledged the dump.
     Acked,

@@ -237,7 +237,7 @@ pub enum SpoolError {
     },
     /// A file operation failed.
     Io {
-        /// What was being done, with the path.
+        /// Failed operation and path.
         context: String,
         /// The error.
         source: io::Error,

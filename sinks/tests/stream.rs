@@ -100,7 +100,7 @@ fn metadata(dump_id: u64, total_size: u64) -> DumpMetadata {
     }
 }
 
-/// One synthetic dump as sink calls: `Ok(bytes)` is data, `Err(length)` a hole.
+/// Builds one synthetic dump as sink calls: `Ok(bytes)` is data, `Err(length)` a hole.
 fn dump_parts(dump_id: u64, data_size: usize) -> Vec<Result<Vec<u8>, u64>> {
     let pattern = |length: usize, salt: u64| -> Vec<u8> {
         (0..length)
@@ -153,7 +153,7 @@ fn sink_config(endpoint: Endpoint, spool: &Path) -> SocketSinkConfig {
     config
 }
 
-/// Checks that `dir` holds exactly one core per expected dump id, byte-identical.
+/// Checks that `dir` contains exactly one core per expected dump id, byte-identical.
 fn assert_stored(dir: &Path, expected: &[(u64, Vec<u8>)]) {
     let listings = list_dumps(dir).unwrap();
     assert_eq!(

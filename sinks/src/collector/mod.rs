@@ -51,7 +51,7 @@ pub struct Retention {
 /// Configuration of [`serve`].
 #[derive(Clone)]
 pub struct CollectorConfig {
-    /// Where to listen. A stale Unix socket file at the path is replaced.
+    /// Listening endpoint. A stale Unix socket file at the path is replaced.
     pub listen: Endpoint,
     /// Directory for dumps and sidecars; created with mode 0700 if missing.
     pub dump_dir: PathBuf,
@@ -342,7 +342,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(difference) == 0
 }
 
-/// What happens to the bytes of the dump being received.
+/// Handling of the dump being received.
 enum DumpState<'a> {
     /// Written through this sink; the claim on `key` is held.
     Storing {
@@ -368,7 +368,7 @@ struct ConnectionHandler<'a> {
     peer: String,
 }
 
-/// Why a connection ended early.
+/// Reason a connection ended early.
 enum Close {
     /// The peer closed or timed out, or the collector is shutting down.
     Quiet,

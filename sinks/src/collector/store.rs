@@ -281,7 +281,7 @@ struct IndexState {
     in_progress: HashSet<DumpKey>,
 }
 
-/// What [`Store::claim`] found for a dump key.
+/// Result of [`Store::claim`] for a dump key.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Claim {
     /// The caller now owns storing this dump and must call [`Store::release`].
