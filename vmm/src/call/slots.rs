@@ -1,0 +1,75 @@
+//! Host access to the request and reply slots in guest memory.
+//!
+//! The addresses come from the host's own layout, never from the guest, and
+//! stay valid for the sandbox's life because its mapping never moves. Every
+//! length read from a header is clamped against the buffer before use.
+
+use std::sync::atomic::Ordering;
+
+use sandcore_abi::slot::{SlotHeader, PAYLOAD_OFFSET};
+
+use crate::memory::layout::MemoryLayout;
+
+/// One shared buffer seen from the host.
+#[derive(Clone, Copy)]
+pub struct Slot {
+    base: *mut u8,
+    size: usize,
+}
+
+// SAFETY: a Slot is an address into the sandbox's guest mapping; the sandbox
+// decides which thread touches it and when.
+unsafe impl Send for Slot {}
+// SAFETY: see Send; the header fields are atomics.
+unsafe impl Sync for Slot {}
+
+impl Slot {
+    /// The input buffer of a sandbox whose guest address 0 is at `host_base`.
+    pub fn input(host_base: *mut u8, layout: &MemoryLayout) -> Slot {
+        // SAFETY: input_base lies inside the mapping (layout invariant).
+        Slot { base: unsafe { host_base.add(layout.input_base as usize) }, size: layout.input_size as usize }
+    }
+
+    /// The output buffer.
+    pub fn output(host_base: *mut u8, layout: &MemoryLayout) -> Slot {
+        // SAFETY: output_base lies inside the mapping (layout invariant).
+        Slot { base: unsafe { host_base.add(layout.output_base as usize) }, size: layout.output_size as usize }
+    }
+
+    /// The slot header.
+    pub fn header(&self) -> &SlotHeader {
+        // SAFETY: the buffer starts page-aligned with a SlotHeader made of
+        // atomics, so shared access from host and guest is sound.
+        unsafe { &*(self.base as *const SlotHeader) }
+    }
+
+    /// Payload capacity in bytes.
+    pub fn capacity(&self) -> usize {
+        self.size - PAYLOAD_OFFSET
+    }
+
+    /// The payload area for writing.
+    ///
+    /// # Safety
+    /// The guest must not access the payload while the slice lives (the vCPU
+    /// is stopped, or the slot state gives the payload to the host).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn payload_mut(&self) -> &mut [u8] {
+        // SAFETY: the range lies inside the buffer; exclusivity is the caller's.
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(PAYLOAD_OFFSET), self.capacity()) }
+    }
+
+    /// The payload bytes the header claims, or `Err(claimed)` if the claimed
+    /// length exceeds the buffer.
+    ///
+    /// # Safety
+    /// As for [`Slot::payload_mut`].
+    pub unsafe fn received(&self) -> Result<&[u8], usize> {
+        let claimed = self.header().length.load(Ordering::Relaxed) as usize;
+        if claimed > self.capacity() {
+            return Err(claimed);
+        }
+        // SAFETY: claimed <= capacity, inside the buffer.
+        Ok(unsafe { std::slice::from_raw_parts(self.base.add(PAYLOAD_OFFSET), claimed) })
+    }
+}

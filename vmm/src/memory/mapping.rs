@@ -1,0 +1,305 @@
+//! Memfd-backed guest memory and the private mappings sandboxes run on.
+//!
+//! A [`MemFile`] is an immutable image of guest memory: the base image after
+//! the guest's one-time initialisation, or a user snapshot. A sandbox runs on
+//! a [`Mapping`] of it with `MAP_PRIVATE`, so guest writes land in private
+//! copy-on-write pages. That gives three cheap operations:
+//!
+//! - restore: `madvise(MADV_DONTNEED)` drops the private pages, so the cost
+//!   follows the pages the guest dirtied, not the memory size;
+//! - switch image: `mmap(MAP_FIXED)` of another [`MemFile`] at the same
+//!   address, which KVM follows through its MMU notifier;
+//! - crash capture: `mremap` moves the crashed pages to a new address, owned
+//!   by the snapshot, and a fresh mapping takes their place.
+//!
+//! The address stays the same in every case, so the KVM memory slot never
+//! needs to change.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use sandcore_abi::layout::PAGE_SIZE;
+
+/// An immutable memfd holding one image of guest memory.
+#[derive(Debug)]
+pub struct MemFile {
+    file: File,
+    size: u64,
+}
+
+impl MemFile {
+    /// Creates an empty (all-zero, sparse) memfd of `size` bytes that allows
+    /// sealing.
+    pub fn create(name: &str, size: u64) -> io::Result<MemFile> {
+        let name = CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "memfd name contains NUL"))?;
+        // SAFETY: `name` is a valid C string; memfd_create returns a new fd
+        // or -1 and touches no memory of ours.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size)?;
+        Ok(MemFile { file, size })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The underlying file, for building the image through a shared mapping.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Forbids any further change to the contents or size, so every sandbox
+    /// mapping this image sees the same bytes. Fails if a shared writable
+    /// mapping still exists.
+    pub fn seal(&self) -> io::Result<()> {
+        let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on our own fd with integer arguments.
+        let result = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+        if result < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Creates a sealed image with the current contents of `mapping`,
+    /// copying only the pages that may hold data.
+    pub fn from_mapping(name: &str, mapping: &Mapping) -> io::Result<MemFile> {
+        let image = MemFile::create(name, mapping.size() as u64)?;
+        let resident = mapping.resident_pages()?;
+        let bytes = mapping.as_slice();
+        for (index, &flag) in resident.iter().enumerate() {
+            if flag & 1 == 0 {
+                continue;
+            }
+            let offset = index * PAGE_SIZE as usize;
+            let page = &bytes[offset..offset + PAGE_SIZE as usize];
+            if page.iter().any(|&b| b != 0) {
+                image.file.write_all_at(page, offset as u64)?;
+            }
+        }
+        image.seal()?;
+        Ok(image)
+    }
+}
+
+/// A private (copy-on-write) mapping of a [`MemFile`], owned exclusively.
+#[derive(Debug)]
+pub struct Mapping {
+    address: NonNull<u8>,
+    size: usize,
+    backing: Arc<MemFile>,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; moving it to
+// another thread moves that ownership.
+unsafe impl Send for Mapping {}
+// SAFETY: shared references only read through `as_slice`; writes need
+// `&mut self` or go through KVM, which the sandbox serialises.
+unsafe impl Sync for Mapping {}
+
+fn map_private(address: Option<NonNull<u8>>, backing: &MemFile) -> io::Result<NonNull<u8>> {
+    let (hint, fixed) = match address {
+        Some(address) => (address.as_ptr().cast(), libc::MAP_FIXED),
+        None => (std::ptr::null_mut(), 0),
+    };
+    // SAFETY: maps our own memfd. With MAP_FIXED the range is one this
+    // module owns (a Mapping being replaced), so no foreign memory is lost.
+    let result = unsafe {
+        libc::mmap(
+            hint,
+            backing.size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE | fixed,
+            backing.file.as_raw_fd(),
+            0,
+        )
+    };
+    if result == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    NonNull::new(result.cast()).ok_or_else(|| io::Error::other("mmap returned a null mapping"))
+}
+
+impl Mapping {
+    /// Maps `backing` privately at an address the kernel chooses.
+    pub fn new(backing: Arc<MemFile>) -> io::Result<Mapping> {
+        let address = map_private(None, &backing)?;
+        Ok(Mapping { address, size: backing.size as usize, backing })
+    }
+
+    /// Host address of guest address 0.
+    pub fn host_address(&self) -> *mut u8 {
+        self.address.as_ptr()
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The image this mapping was made from.
+    pub fn backing(&self) -> &Arc<MemFile> {
+        &self.backing
+    }
+
+    /// Guest memory as bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the range is mapped readable for the life of `self`. The
+        // guest may change bytes concurrently only while a vCPU runs, and
+        // the sandbox never reads through this slice during a KVM_RUN.
+        unsafe { std::slice::from_raw_parts(self.address.as_ptr(), self.size) }
+    }
+
+    /// Drops every private page, so the memory equals the backing image again.
+    pub fn reset(&self) -> io::Result<()> {
+        // SAFETY: the range is our own mapping; MADV_DONTNEED on a private
+        // file mapping only discards our private copies.
+        let result = unsafe { libc::madvise(self.address.as_ptr().cast(), self.size, libc::MADV_DONTNEED) };
+        if result != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Replaces the contents with a fresh private mapping of `backing` at the
+    /// same address. `backing` must have the same size.
+    pub fn switch_backing(&mut self, backing: Arc<MemFile>) -> io::Result<()> {
+        if backing.size as usize != self.size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("image of {} bytes cannot replace a mapping of {} bytes", backing.size, self.size),
+            ));
+        }
+        map_private(Some(self.address), &backing)?;
+        self.backing = backing;
+        Ok(())
+    }
+
+    /// Moves the current pages to a new address, returned as a new mapping,
+    /// and puts a fresh private mapping of the backing image in their place.
+    /// The cost follows the page-table entries moved, not the memory size.
+    pub fn detach(&mut self) -> io::Result<Mapping> {
+        // Reserve an address range for the moved pages.
+        // SAFETY: an anonymous PROT_NONE reservation, owned by us.
+        let reserve = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                self.size,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if reserve == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: moves our mapping onto our reservation; afterwards the old
+        // range is unmapped and the reservation holds the pages.
+        let moved = unsafe {
+            libc::mremap(
+                self.address.as_ptr().cast(),
+                self.size,
+                self.size,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                reserve,
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            let error = io::Error::last_os_error();
+            // SAFETY: releases the unused reservation made above.
+            unsafe { libc::munmap(reserve, self.size) };
+            return Err(error);
+        }
+        let detached = Mapping {
+            address: NonNull::new(moved.cast()).ok_or_else(|| io::Error::other("mremap returned null"))?,
+            size: self.size,
+            backing: Arc::clone(&self.backing),
+        };
+        // The old range is now a hole; fill it before anyone can map it.
+        map_private(Some(self.address), &self.backing)?;
+        Ok(detached)
+    }
+
+    /// One byte per page; bit 0 is set where the page may hold data (it is
+    /// private to this mapping or cached from the backing file). Pages with
+    /// bit 0 clear were never written and read as zero.
+    pub fn resident_pages(&self) -> io::Result<Vec<u8>> {
+        let mut flags = vec![0u8; self.size.div_ceil(PAGE_SIZE as usize)];
+        // SAFETY: `flags` has one byte per page of the range, which is ours.
+        let result = unsafe { libc::mincore(self.address.as_ptr().cast(), self.size, flags.as_mut_ptr()) };
+        if result != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(flags)
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the range this value owns; nothing refers to it
+        // after drop (the sandbox removes the KVM slot first).
+        unsafe { libc::munmap(self.address.as_ptr().cast(), self.size) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(mapping: &Mapping, offset: usize, value: u8) {
+        // SAFETY: offset is inside the mapping in these tests.
+        unsafe { mapping.host_address().add(offset).write(value) };
+    }
+
+    #[test]
+    fn reset_reverts_private_writes() {
+        let image = Arc::new(MemFile::create("test", 64 * 1024).unwrap());
+        image.file().write_all_at(&[7], 4096).unwrap();
+        image.seal().unwrap();
+        let mapping = Mapping::new(Arc::clone(&image)).unwrap();
+        write(&mapping, 4096, 9);
+        assert_eq!(mapping.as_slice()[4096], 9);
+        mapping.reset().unwrap();
+        assert_eq!(mapping.as_slice()[4096], 7);
+    }
+
+    #[test]
+    fn detach_moves_pages_and_leaves_a_fresh_mapping() {
+        let image = Arc::new(MemFile::create("test", 64 * 1024).unwrap());
+        image.seal().unwrap();
+        let mut mapping = Mapping::new(Arc::clone(&image)).unwrap();
+        write(&mapping, 8192, 42);
+        let address = mapping.host_address();
+        let detached = mapping.detach().unwrap();
+        assert_eq!(detached.as_slice()[8192], 42);
+        assert_eq!(mapping.host_address(), address);
+        assert_eq!(mapping.as_slice()[8192], 0);
+        let resident = detached.resident_pages().unwrap();
+        assert_eq!(resident[2] & 1, 1);
+    }
+
+    #[test]
+    fn snapshot_image_keeps_written_pages() {
+        let image = Arc::new(MemFile::create("test", 64 * 1024).unwrap());
+        image.seal().unwrap();
+        let mut mapping = Mapping::new(Arc::clone(&image)).unwrap();
+        write(&mapping, 12288, 5);
+        let snapshot = Arc::new(MemFile::from_mapping("snap", &mapping).unwrap());
+        mapping.reset().unwrap();
+        assert_eq!(mapping.as_slice()[12288], 0);
+        mapping.switch_backing(snapshot).unwrap();
+        assert_eq!(mapping.as_slice()[12288], 5);
+    }
+}

@@ -1,0 +1,176 @@
+//! A sandbox: one VM and vCPU running one guest on a private mapping of a
+//! base image.
+
+mod builder;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub use builder::SandboxBuilder;
+
+use crate::base_image::BaseImage;
+use crate::call::host_functions::HostFunctions;
+use crate::call::slots::Slot;
+use crate::config::SandboxConfiguration;
+use crate::error::{os_error, SandboxError};
+use crate::interrupt::{InterruptHandle, InterruptState};
+use crate::memory::mapping::{Mapping, MemFile};
+use crate::vcpu::{Vm, VcpuState};
+
+/// Receives the guest's debug prints.
+pub type PrintHandler = Arc<dyn Fn(&str) + Send + Sync>;
+
+static NEXT_SANDBOX_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A running guest whose functions the host calls with [`Sandbox::call`].
+///
+/// Calls run the vCPU on the calling thread. After a crash the sandbox is
+/// poisoned and refuses calls until [`Sandbox::restore`].
+pub struct Sandbox {
+    // Field order is drop order: the vCPU and VM close before the memory
+    // they map is unmapped.
+    pub(crate) vm: Vm,
+    pub(crate) mapping: Mapping,
+    pub(crate) base: Arc<BaseImage>,
+    pub(crate) input: Slot,
+    pub(crate) output: Slot,
+    pub(crate) host_functions: HostFunctions,
+    pub(crate) print_handler: PrintHandler,
+    pub(crate) config: SandboxConfiguration,
+    pub(crate) poisoned: Option<String>,
+    pub(crate) sequence: u64,
+    pub(crate) interrupt: Arc<InterruptState>,
+    pub(crate) id: u64,
+    pub(crate) function: heapless::String<64>,
+    #[cfg(feature = "crashdump")]
+    pub(crate) dumps: Option<crate::dump::DumpQueue>,
+}
+
+/// A saved point of one sandbox's memory and vCPU state, to return to with
+/// [`Sandbox::restore_to`]. Any sandbox of the same base image accepts it.
+#[derive(Clone)]
+pub struct Snapshot {
+    base_id: u64,
+    memory: Arc<MemFile>,
+    state: VcpuState,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot").field("base_image", &self.base_id).finish_non_exhaustive()
+    }
+}
+
+impl Sandbox {
+    pub(crate) fn from_base(
+        base: Arc<BaseImage>,
+        host_functions: HostFunctions,
+        print_handler: PrintHandler,
+        config: SandboxConfiguration,
+        #[cfg(feature = "crashdump")] dumps: Option<crate::dump::DumpQueue>,
+    ) -> Result<Sandbox, SandboxError> {
+        let mapping = Mapping::new(Arc::clone(&base.memory)).map_err(os_error("mapping the base image"))?;
+        // SAFETY: the mapping lives in the same Sandbox and is dropped after
+        // the VM (field order); it may be replaced at the same address only.
+        let mut vm = unsafe { Vm::new(mapping.host_address(), base.layout.memory_size) }?;
+        vm.set_state(&base.state)?;
+        let interrupt = InterruptState::new(vm.immediate_exit_pointer());
+        let input = Slot::input(mapping.host_address(), &base.layout);
+        let output = Slot::output(mapping.host_address(), &base.layout);
+        let id = NEXT_SANDBOX_ID.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(sandbox = id, guest = %base.guest_name, "sandbox created");
+        Ok(Sandbox {
+            vm,
+            mapping,
+            base,
+            input,
+            output,
+            host_functions,
+            print_handler,
+            config,
+            poisoned: None,
+            sequence: 0,
+            interrupt,
+            id,
+            function: heapless::String::new(),
+            #[cfg(feature = "crashdump")]
+            dumps,
+        })
+    }
+
+    /// Process-unique id of this sandbox, used in logs and dump names.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The base image, to create more sandboxes of the same guest cheaply.
+    pub fn base_image(&self) -> Arc<BaseImage> {
+        Arc::clone(&self.base)
+    }
+
+    /// A handle that stops this sandbox's running call from another thread.
+    pub fn interrupt_handle(&self) -> InterruptHandle {
+        InterruptHandle { state: Arc::clone(&self.interrupt) }
+    }
+
+    /// True after a crash, until [`Sandbox::restore`].
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.is_some()
+    }
+
+    /// Returns guest memory and vCPU to the base image (the state right after
+    /// the guest's initialisation) and clears the poisoned flag. The cost
+    /// grows with the pages the guest dirtied, not with the memory size.
+    pub fn restore(&mut self) -> Result<(), SandboxError> {
+        let base = Arc::clone(&self.base.memory);
+        let state = self.base.state.clone();
+        self.reset_to(base, &state)
+    }
+
+    /// Returns to `snapshot`, taken earlier from a sandbox of the same base image.
+    pub fn restore_to(&mut self, snapshot: &Snapshot) -> Result<(), SandboxError> {
+        if snapshot.base_id != self.base.id {
+            return Err(SandboxError::InvalidConfiguration(
+                "snapshot belongs to a sandbox of another base image; restore it into a sandbox created from the same base image".into(),
+            ));
+        }
+        self.reset_to(Arc::clone(&snapshot.memory), &snapshot.state)
+    }
+
+    fn reset_to(&mut self, memory: Arc<MemFile>, state: &VcpuState) -> Result<(), SandboxError> {
+        if Arc::ptr_eq(self.mapping.backing(), &memory) {
+            self.mapping.reset().map_err(os_error("discarding private guest pages (madvise)"))?;
+        } else {
+            self.mapping.switch_backing(memory).map_err(os_error("mapping the restore image"))?;
+        }
+        self.vm.set_state(state)?;
+        self.poisoned = None;
+        Ok(())
+    }
+
+    /// Saves the current guest memory and vCPU state. Copies only the pages
+    /// that may hold data.
+    pub fn snapshot(&mut self) -> Result<Snapshot, SandboxError> {
+        if let Some(cause) = &self.poisoned {
+            return Err(SandboxError::Poisoned { cause: cause.clone() });
+        }
+        let memory = MemFile::from_mapping("sandcore-snapshot", &self.mapping).map_err(os_error("copying guest memory into a snapshot"))?;
+        Ok(Snapshot { base_id: self.base.id, memory: Arc::new(memory), state: self.vm.state()? })
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.interrupt.detach();
+    }
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("id", &self.id)
+            .field("guest", &self.base.guest_name)
+            .field("poisoned", &self.poisoned)
+            .finish_non_exhaustive()
+    }
+}
