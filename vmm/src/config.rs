@@ -21,6 +21,21 @@ pub const MIN_STACK_SIZE: u64 = 16 << 10;
 /// Smallest heap accepted: 64 KiB.
 pub const MIN_HEAP_SIZE: u64 = 64 << 10;
 
+/// How calls reach the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// The vCPU runs on the calling thread; each call costs one VM exit.
+    #[default]
+    Exit,
+    /// A dedicated vCPU thread keeps the guest spinning on the request slot,
+    /// so a hot call costs no exit. After `idle_spin` without a call the
+    /// guest parks and the thread sleeps; the next call wakes it with one exit.
+    Polling {
+        /// How long the guest spins for the next call before it parks.
+        idle_spin: Duration,
+    },
+}
+
 /// Sizes and limits of a sandbox. All sizes are bytes and must be multiples
 /// of 4096.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +55,8 @@ pub struct SandboxConfiguration {
     pub dump_on_timeout: bool,
     /// Write crash dumps for this sandbox (only with the `crashdump` feature).
     pub guest_core_dump: bool,
+    /// How calls reach the guest.
+    pub transport: Transport,
 }
 
 impl Default for SandboxConfiguration {
@@ -52,6 +69,7 @@ impl Default for SandboxConfiguration {
             call_time_limit: None,
             dump_on_timeout: false,
             guest_core_dump: cfg!(feature = "crashdump"),
+            transport: Transport::Exit,
         }
     }
 }
@@ -85,6 +103,11 @@ impl SandboxConfiguration {
         if self.input_buffer_size > u32::MAX as u64 || self.output_buffer_size > u32::MAX as u64 {
             return Err(SandboxError::InvalidConfiguration(
                 "buffer sizes must stay below 4 GiB because slot lengths are 32-bit".into(),
+            ));
+        }
+        if self.transport == (Transport::Polling { idle_spin: Duration::ZERO }) {
+            return Err(SandboxError::InvalidConfiguration(
+                "Transport::Polling with idle_spin = 0 would park after every call; use Transport::Exit instead".into(),
             ));
         }
         if self.call_time_limit == Some(Duration::ZERO) {

@@ -56,11 +56,11 @@ impl InterruptState {
         })
     }
 
-    /// Marks the start of a call on the current thread. Returns the call's
-    /// generation, for time limits.
-    pub(crate) fn begin_call(&self) -> u64 {
+    /// Marks the start of a call whose `KVM_RUN` happens on `thread` (the
+    /// current thread if `None`). Returns the call's generation, for time limits.
+    pub(crate) fn begin_call(&self, thread: Option<libc::pthread_t>) -> u64 {
         // SAFETY: pthread_self has no preconditions.
-        let thread = unsafe { libc::pthread_self() };
+        let thread = thread.unwrap_or_else(|| unsafe { libc::pthread_self() });
         self.thread.store(thread as u64, Ordering::SeqCst);
         let generation = self.word.load(Ordering::SeqCst) >> FLAG_BITS;
         self.word.store((generation << FLAG_BITS) | RUNNING, Ordering::SeqCst);
@@ -112,6 +112,19 @@ impl InterruptState {
             unsafe { libc::pthread_kill(thread, libc::SIGRTMIN() + INTERRUPT_SIGNAL_OFFSET) };
         }
         true
+    }
+
+    /// Makes `thread`'s current or next `KVM_RUN` return at once, whatever
+    /// the call state; the polling transport uses it to pause its vCPU thread.
+    pub(crate) fn kick(&self, thread: libc::pthread_t) {
+        let guard = self.immediate_exit.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(ImmediateExit(pointer)) = guard.as_ref() {
+            // SAFETY: as in `stop`: the vCPU is alive while the field is Some.
+            unsafe { pointer.write_volatile(1) };
+            // SAFETY: `thread` is the polling sandbox's vCPU thread, which
+            // runs until the sandbox joins it after the last kick.
+            unsafe { libc::pthread_kill(thread, libc::SIGRTMIN() + INTERRUPT_SIGNAL_OFFSET) };
+        }
     }
 
     /// Forgets the vCPU; called before the vCPU is closed.

@@ -37,11 +37,11 @@ pub mod vcpu;
 
 pub use base_image::BaseImage;
 pub use call::values::{Arguments, FromValue, IntoValue, ToArgument, Value};
-pub use config::SandboxConfiguration;
+pub use config::{SandboxConfiguration, Transport};
 pub use error::{DumpId, SandboxError};
 pub use guest_image::GuestBinaryError;
 pub use interrupt::InterruptHandle;
-pub use sandbox::{PrintHandler, Sandbox, SandboxBuilder, Snapshot};
+pub use sandbox::{CallReport, PrintHandler, Sandbox, SandboxBuilder, Snapshot};
 
 /// Path of the demo guest built with this crate (by its build script).
 pub fn demo_guest_path() -> &'static str {

@@ -16,6 +16,12 @@
 //! the polling transport, where host and guest run at the same time on
 //! different CPUs, drives the same guests without a change.
 //!
+//! The polling transport adds one handshake: a host thread that stops
+//! spinning sets `host_waiting` and then re-reads the output `state`; the
+//! guest stores the output `state` and then reads `host_waiting`. Both sides
+//! use `SeqCst` for these two accesses, so at least one of them sees the
+//! other's store and no wake-up is lost.
+//!
 //! Every field is untrusted for the host: it checks `state` against what it
 //! expects and `length` against the buffer size before reading a byte.
 
@@ -52,8 +58,11 @@ pub struct SlotHeader {
     /// it parks with an `out`, in TSC ticks. Zero means park at once, which is
     /// the exit transport; the host sets it per sandbox.
     pub poll_idle_ticks: AtomicU64,
-    /// Reserved, zero.
-    pub reserved: AtomicU64,
+    /// Input slot only: nonzero while a host thread sleeps waiting for the
+    /// output slot to change (polling transport). A guest that publishes a
+    /// reply or a host-function call while it is set must `out` to
+    /// [`PORT_NOTIFY`](crate::ports::PORT_NOTIFY) so the host can wake that thread.
+    pub host_waiting: AtomicU64,
 }
 
 /// Offset of the payload from the start of a buffer, in bytes.

@@ -1,7 +1,7 @@
 //! Guest entry point and the dispatch loop.
 
 use core::sync::atomic::Ordering;
-use sandcore_abi::ports::PORT_PARK;
+use sandcore_abi::ports::{PORT_NOTIFY, PORT_PARK};
 use sandcore_abi::slot::{INPUT_CALL, INPUT_EMPTY, OUTPUT_REPLY};
 
 use crate::port::{exit_to_host, read_tsc};
@@ -30,7 +30,17 @@ pub fn run(boot_info: u64, setup: fn(&mut Registry)) -> ! {
         out_header.sequence.store(header.sequence.load(Ordering::Relaxed), Ordering::Relaxed);
         out_header.length.store(length as u32, Ordering::Relaxed);
         header.state.store(INPUT_EMPTY, Ordering::Relaxed);
-        out_header.state.store(OUTPUT_REPLY, Ordering::Release);
+        out_header.state.store(OUTPUT_REPLY, Ordering::SeqCst);
+        notify_waiting_host(&input);
+    }
+}
+
+/// With the polling transport, exits once if a host thread sleeps waiting
+/// for the output slot; see the handshake in `sandcore_abi::slot`.
+pub(crate) fn notify_waiting_host(input: &Buffer) {
+    let header = input.header();
+    if header.poll_idle_ticks.load(Ordering::Relaxed) != 0 && header.host_waiting.load(Ordering::SeqCst) != 0 {
+        exit_to_host(PORT_NOTIFY);
     }
 }
 

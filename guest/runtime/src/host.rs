@@ -57,11 +57,12 @@ pub fn call_host(name: &str, arguments: &[Value<'_>]) -> Result<HostValue, HostC
         writer.put_value(argument).map_err(|_| HostCallError::RequestTooLarge)?;
     }
     header.length.store(writer.position() as u32, Ordering::Relaxed);
-    header.state.store(OUTPUT_HOST_CALL, Ordering::Release);
+    header.state.store(OUTPUT_HOST_CALL, Ordering::SeqCst);
 
     let input = Buffer::input();
     let polling = input.header().poll_idle_ticks.load(Ordering::Relaxed) != 0;
     if polling {
+        crate::entry::notify_waiting_host(&input);
         while header.state.load(Ordering::Acquire) != OUTPUT_HOST_REPLY {
             core::hint::spin_loop();
         }

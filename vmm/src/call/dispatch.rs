@@ -10,11 +10,12 @@ use sandcore_abi::encoding::{EncodeError, Reader, Reply, ReplyStatus, Value as W
 use sandcore_abi::ports::{PORT_HOST_CALL, PORT_PARK};
 use sandcore_abi::slot::{INPUT_CALL, OUTPUT_EMPTY, OUTPUT_HOST_CALL, OUTPUT_HOST_REPLY, OUTPUT_REPLY};
 
+use crate::call::polling::{futex_wait, CALLER_SLEEP, CALLER_SPIN_LIMIT};
 use crate::call::values::{Arguments, FromValue};
 use crate::crash::{exit_to_error, RawCrash};
 use crate::error::SandboxError;
 use crate::interrupt::{Deadline, StopReason};
-use crate::sandbox::Sandbox;
+use crate::sandbox::{CallReport, Sandbox, VcpuOwner};
 use crate::vcpu::Exit;
 
 /// Name of the host function behind the guest runtime's `print`.
@@ -35,7 +36,12 @@ impl Sandbox {
             return Err(SandboxError::Poisoned { cause: cause.clone() });
         }
         self.write_request(function, arguments)?;
-        if let Err(error) = self.run_call() {
+        self.last_call = CallReport { polling: matches!(self.vcpu, VcpuOwner::Thread(_)), ..CallReport::default() };
+        let outcome = match &self.vcpu {
+            VcpuOwner::Local(_) => self.run_call(),
+            VcpuOwner::Thread(_) => self.run_polling_call(),
+        };
+        if let Err(error) = outcome {
             if error.poisons() {
                 self.poisoned = Some(error.to_string());
             }
@@ -76,22 +82,28 @@ impl Sandbox {
         header.length.store(length as u32, Ordering::Relaxed);
         header.sequence.store(self.sequence, Ordering::Relaxed);
         self.output.header().state.store(OUTPUT_EMPTY, Ordering::Relaxed);
-        header.state.store(INPUT_CALL, Ordering::Release);
+        // SeqCst, not just Release: the polling transport's vCPU thread
+        // checks this word after announcing that it parks (see polling.rs).
+        header.state.store(INPUT_CALL, Ordering::SeqCst);
         Ok(())
     }
 
     /// Runs the vCPU until the guest parks with a reply, serving host calls.
     fn run_call(&mut self) -> Result<(), SandboxError> {
-        let generation = self.interrupt.begin_call();
+        let generation = self.interrupt.begin_call(None);
         let _deadline = self.config.call_time_limit.map(|limit| Deadline::arm(&self.interrupt, generation, limit));
         let result = loop {
-            self.vm.vcpu.set_kvm_immediate_exit(0);
+            let VcpuOwner::Local(vm) = &mut self.vcpu else {
+                unreachable!("run_call is only used with the exit transport")
+            };
+            vm.vcpu.set_kvm_immediate_exit(0);
             if let Some(reason) = self.interrupt.stop_reason() {
                 break Err(self.crash(Exit::Interrupted, Some(reason)));
             }
-            match self.vm.run() {
+            match vm.run() {
                 Exit::Io(PORT_PARK) => break self.check_reply_published(),
                 Exit::Io(PORT_HOST_CALL) => {
+                    self.last_call.host_calls += 1;
                     if let Err(error) = self.serve_host_call() {
                         break Err(error);
                     }
@@ -104,6 +116,57 @@ impl Sandbox {
                 }
                 exit => break Err(self.crash(exit, None)),
             }
+        };
+        self.interrupt.end_call();
+        result
+    }
+
+    /// Polling transport: wakes a parked guest, then spins (and later
+    /// sleeps) on the output slot, serving host calls, until the reply.
+    fn run_polling_call(&mut self) -> Result<(), SandboxError> {
+        let VcpuOwner::Thread(polling) = &self.vcpu else {
+            unreachable!("run_polling_call is only used with the polling transport")
+        };
+        let generation = self.interrupt.begin_call(Some(polling.thread_id()));
+        let _deadline = self.config.call_time_limit.map(|limit| Deadline::arm(&self.interrupt, generation, limit));
+        self.last_call.woke_guest = polling.wake_if_parked();
+
+        let mut spins: u32 = 0;
+        let result = loop {
+            let VcpuOwner::Thread(polling) = &self.vcpu else { unreachable!() };
+            let output_state = self.output.header().state.load(Ordering::Acquire);
+            if output_state == OUTPUT_REPLY {
+                break self.check_reply_published();
+            }
+            if output_state == OUTPUT_HOST_CALL {
+                self.last_call.host_calls += 1;
+                if let Err(error) = self.serve_host_call() {
+                    break Err(error);
+                }
+                spins = 0;
+                continue;
+            }
+            if let Some(exit) = polling.take_exit() {
+                let stop = self.interrupt.stop_reason();
+                break Err(self.crash(exit, stop));
+            }
+            spins += 1;
+            if spins < CALLER_SPIN_LIMIT {
+                std::hint::spin_loop();
+                continue;
+            }
+            // Slow path: announce the wait, re-check, then sleep until the
+            // guest's PORT_NOTIFY exit or the vCPU thread's hand-over.
+            self.last_call.slept = true;
+            let shared = &polling.shared;
+            let seen = shared.notify_seq.load(Ordering::SeqCst);
+            let waiting = &self.input.header().host_waiting;
+            waiting.store(1, Ordering::SeqCst);
+            let state = self.output.header().state.load(Ordering::SeqCst);
+            if state == OUTPUT_EMPTY && !shared.exit_ready.load(Ordering::SeqCst) {
+                futex_wait(&shared.notify_seq, seen, Some(CALLER_SLEEP));
+            }
+            waiting.store(0, Ordering::SeqCst);
         };
         self.interrupt.end_call();
         result
@@ -229,7 +292,9 @@ impl Sandbox {
 
     /// Decodes a crash, queues its dump and returns the caller's error.
     pub(crate) fn crash(&mut self, exit: Exit, stop: Option<StopReason>) -> SandboxError {
-        let mut raw = RawCrash::from_exit(exit, &self.vm, self.mapping.as_slice(), &self.base.layout, stop);
+        let mapping = &self.mapping;
+        let layout = &self.base.layout;
+        let mut raw = self.with_vm(|vm| RawCrash::from_exit(exit, vm, mapping.as_slice(), layout, stop));
         raw.time_limit = self.config.call_time_limit;
         #[cfg(feature = "crashdump")]
         let dump = self.capture_dump(&raw);

@@ -3,5 +3,6 @@
 
 pub mod dispatch;
 pub mod host_functions;
+pub mod polling;
 pub mod slots;
 pub mod values;

@@ -51,17 +51,17 @@ impl Sandbox {
             message_truncated: false,
             regions: heapless::Vec::new(),
         });
-        if let Ok(xsave) = self.vm.vcpu.get_xsave() {
+        let (xsave, xcrs) = self.with_vm(|vm| (vm.vcpu.get_xsave().ok(), vm.vcpu.get_xcrs().ok()));
+        if let Some(xsave) = xsave {
             for (chunk, word) in info.xsave.chunks_exact_mut(4).zip(xsave.region.iter()) {
                 chunk.copy_from_slice(&word.to_le_bytes());
             }
         }
-        info.xcr0 = self
-            .vm
-            .vcpu
-            .get_xcrs()
-            .ok()
-            .and_then(|xcrs| xcrs.xcrs[..xcrs.nr_xcrs as usize].iter().find(|x| x.xcr == XCR0).map(|x| x.value))
+        info.xcr0 = xcrs
+            .and_then(|xcrs| {
+                let count = (xcrs.nr_xcrs as usize).min(xcrs.xcrs.len());
+                xcrs.xcrs[..count].iter().find(|x| x.xcr == XCR0).map(|x| x.value)
+            })
             .unwrap_or(1);
         push_truncated(&mut info.guest_name, &self.base.guest_name);
         push_truncated(&mut info.guest_path, &self.base.guest_path);

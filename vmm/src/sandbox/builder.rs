@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::base_image::BaseImage;
 use crate::call::host_functions::{HostFunction, HostFunctions};
-use crate::config::SandboxConfiguration;
+use crate::config::{SandboxConfiguration, Transport};
 use crate::error::SandboxError;
 use crate::guest_image::GuestImage;
 
@@ -111,6 +111,12 @@ impl SandboxBuilder {
         self
     }
 
+    /// Chooses how calls reach the guest (default [`Transport::Exit`]).
+    pub fn transport(mut self, transport: Transport) -> Self {
+        self.config.transport = transport;
+        self
+    }
+
     /// Stops any call that runs longer than `limit` with `TimedOut`.
     pub fn call_time_limit(mut self, limit: Duration) -> Self {
         self.config.call_time_limit = Some(limit);
@@ -180,6 +186,7 @@ impl SandboxBuilder {
         config.call_time_limit = self.config.call_time_limit;
         config.dump_on_timeout = self.config.dump_on_timeout;
         config.guest_core_dump = self.config.guest_core_dump;
+        config.transport = self.config.transport;
 
         let print_handler = self.print_handler.unwrap_or_else(|| {
             Arc::new(|message: &str| tracing::info!(target: "sandcore::guest", "{message}"))

@@ -10,12 +10,33 @@ pub use builder::SandboxBuilder;
 
 use crate::base_image::BaseImage;
 use crate::call::host_functions::HostFunctions;
+use crate::call::polling::{idle_ticks, PollingVcpu};
 use crate::call::slots::Slot;
-use crate::config::SandboxConfiguration;
+use crate::config::{SandboxConfiguration, Transport};
 use crate::error::{os_error, SandboxError};
 use crate::interrupt::{InterruptHandle, InterruptState};
 use crate::memory::mapping::{Mapping, MemFile};
 use crate::vcpu::{Vm, VcpuState};
+
+/// Who runs the vCPU: the calling thread, or the polling transport's thread.
+pub(crate) enum VcpuOwner {
+    Local(Vm),
+    Thread(PollingVcpu),
+}
+
+/// How the last call went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallReport {
+    /// The call ran on the polling transport.
+    pub polling: bool,
+    /// The guest had parked, so the call woke it with one VM exit. Always
+    /// false on the exit transport, where every call is one exit.
+    pub woke_guest: bool,
+    /// The caller stopped spinning and slept before the reply came.
+    pub slept: bool,
+    /// Host-function calls served during the call.
+    pub host_calls: u32,
+}
 
 /// Receives the guest's debug prints.
 pub type PrintHandler = Arc<dyn Fn(&str) + Send + Sync>;
@@ -27,9 +48,9 @@ static NEXT_SANDBOX_ID: AtomicU64 = AtomicU64::new(1);
 /// Calls run the vCPU on the calling thread. After a crash the sandbox is
 /// poisoned and refuses calls until [`Sandbox::restore`].
 pub struct Sandbox {
-    // Field order is drop order: the vCPU and VM close before the memory
-    // they map is unmapped.
-    pub(crate) vm: Vm,
+    // Field order is drop order: the vCPU (and its thread) and the VM close
+    // before the memory they map is unmapped.
+    pub(crate) vcpu: VcpuOwner,
     pub(crate) mapping: Mapping,
     pub(crate) base: Arc<BaseImage>,
     pub(crate) input: Slot,
@@ -42,6 +63,7 @@ pub struct Sandbox {
     pub(crate) interrupt: Arc<InterruptState>,
     pub(crate) id: u64,
     pub(crate) function: heapless::String<64>,
+    pub(crate) last_call: CallReport,
     #[cfg(feature = "crashdump")]
     pub(crate) dumps: Option<crate::dump::DumpQueue>,
 }
@@ -77,10 +99,14 @@ impl Sandbox {
         let interrupt = InterruptState::new(vm.immediate_exit_pointer());
         let input = Slot::input(mapping.host_address(), &base.layout);
         let output = Slot::output(mapping.host_address(), &base.layout);
+        let vcpu = match config.transport {
+            Transport::Exit => VcpuOwner::Local(vm),
+            Transport::Polling { .. } => VcpuOwner::Thread(PollingVcpu::start(vm, input, Arc::clone(&interrupt))?),
+        };
         let id = NEXT_SANDBOX_ID.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(sandbox = id, guest = %base.guest_name, "sandbox created");
-        Ok(Sandbox {
-            vm,
+        tracing::debug!(sandbox = id, guest = %base.guest_name, transport = ?config.transport, "sandbox created");
+        let sandbox = Sandbox {
+            vcpu,
             mapping,
             base,
             input,
@@ -93,9 +119,51 @@ impl Sandbox {
             interrupt,
             id,
             function: heapless::String::new(),
+            last_call: CallReport::default(),
             #[cfg(feature = "crashdump")]
             dumps,
-        })
+        };
+        sandbox.start_polling();
+        Ok(sandbox)
+    }
+
+    /// Tells the guest how long to spin for requests (zero on the exit
+    /// transport) and lets a polling vCPU thread run. Needed after every
+    /// change of memory image, because an image holds the idle time of the
+    /// sandbox it was taken from.
+    fn start_polling(&self) {
+        let header = self.input.header();
+        header.host_waiting.store(0, Ordering::SeqCst);
+        match (&self.vcpu, self.config.transport) {
+            (VcpuOwner::Thread(polling), Transport::Polling { idle_spin }) => {
+                header.poll_idle_ticks.store(idle_ticks(idle_spin), Ordering::SeqCst);
+                polling.resume();
+            }
+            _ => header.poll_idle_ticks.store(0, Ordering::SeqCst),
+        }
+    }
+
+    /// Runs `operation` on the vCPU while the guest is stopped. The polling
+    /// transport's thread is paused until [`Sandbox::start_polling`].
+    pub(crate) fn with_vm<R>(&self, operation: impl FnOnce(&Vm) -> R) -> R {
+        match &self.vcpu {
+            VcpuOwner::Local(vm) => operation(vm),
+            VcpuOwner::Thread(polling) => operation(&polling.pause()),
+        }
+    }
+
+    /// How the last call went: hot or woke the guest, host calls served.
+    pub fn last_call_report(&self) -> CallReport {
+        self.last_call
+    }
+
+    /// Kernel thread id of the polling transport's vCPU thread, or `None`
+    /// on the exit transport (the vCPU runs on the calling thread).
+    pub fn vcpu_thread_id(&self) -> Option<i32> {
+        match &self.vcpu {
+            VcpuOwner::Local(_) => None,
+            VcpuOwner::Thread(polling) => Some(polling.tid()),
+        }
     }
 
     /// Process-unique id of this sandbox, used in logs and dump names.
@@ -138,13 +206,17 @@ impl Sandbox {
     }
 
     fn reset_to(&mut self, memory: Arc<MemFile>, state: &VcpuState) -> Result<(), SandboxError> {
+        // Pauses the polling thread first, so the guest does not run on
+        // memory that is being replaced.
+        self.with_vm(|_| ());
         if Arc::ptr_eq(self.mapping.backing(), &memory) {
             self.mapping.reset().map_err(os_error("discarding private guest pages (madvise)"))?;
         } else {
             self.mapping.switch_backing(memory).map_err(os_error("mapping the restore image"))?;
         }
-        self.vm.set_state(state)?;
+        self.with_vm(|vm| vm.set_state(state))?;
         self.poisoned = None;
+        self.start_polling();
         Ok(())
     }
 
@@ -154,13 +226,19 @@ impl Sandbox {
         if let Some(cause) = &self.poisoned {
             return Err(SandboxError::Poisoned { cause: cause.clone() });
         }
-        let memory = MemFile::from_mapping("sandcore-snapshot", &self.mapping).map_err(os_error("copying guest memory into a snapshot"))?;
-        Ok(Snapshot { base_id: self.base.id, memory: Arc::new(memory), state: self.vm.state()? })
+        let state = self.with_vm(|vm| vm.state());
+        let memory = MemFile::from_mapping("sandcore-snapshot", &self.mapping);
+        self.start_polling();
+        let memory = memory.map_err(os_error("copying guest memory into a snapshot"))?;
+        Ok(Snapshot { base_id: self.base.id, memory: Arc::new(memory), state: state? })
     }
 }
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        if let VcpuOwner::Thread(polling) = &mut self.vcpu {
+            polling.stop();
+        }
         self.interrupt.detach();
     }
 }
