@@ -35,11 +35,16 @@ pub struct BaseImage {
     pub(crate) memory: Arc<MemFile>,
     pub(crate) layout: MemoryLayout,
     pub(crate) state: VcpuState,
+    #[cfg_attr(not(feature = "crashdump"), allow(dead_code))]
     pub(crate) mappings: Vec<PageMapping>,
+    #[cfg_attr(not(feature = "crashdump"), allow(dead_code))]
     pub(crate) image_segments: Vec<(PageMapping, u64)>,
     pub(crate) guest_name: String,
+    #[cfg_attr(not(feature = "crashdump"), allow(dead_code))]
     pub(crate) guest_path: String,
+    #[cfg_attr(not(feature = "crashdump"), allow(dead_code))]
     pub(crate) build_id: Vec<u8>,
+    #[cfg_attr(not(feature = "crashdump"), allow(dead_code))]
     pub(crate) entry: u64,
     pub(crate) config: SandboxConfiguration,
 }

@@ -204,6 +204,7 @@ impl SandboxError {
         )
     }
 
+    #[cfg_attr(not(feature = "crashdump"), allow(dead_code))]
     pub(crate) fn set_dump(&mut self, id: DumpId) {
         match self {
             SandboxError::GuestPanic { dump, .. }

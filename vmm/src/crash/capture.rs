@@ -3,8 +3,9 @@
 //! Runs on the vCPU thread right after the exit: it reads XSAVE and XCR0,
 //! fills a [`CrashInfo`] from fixed-capacity fields, moves the crashed
 //! memory mapping out of the sandbox and pushes both onto the dump queue.
-//! The only allocation is the `Box` for the `CrashInfo` (5.6 KiB), taken
-//! before anything is read, so the queue entry stays small.
+//! It allocates nothing: the boxed `CrashInfo` (5.6 KiB, boxed so the queue
+//! entry stays small) is allocated ahead, when the sandbox is created or
+//! restored, and taken here.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -25,12 +26,18 @@ impl Sandbox {
     /// Queues a dump of `crash` if dumps are on for this sandbox and this
     /// kind of failure. Returns the dump id, or `None` if nothing was queued.
     pub(crate) fn capture_dump(&mut self, crash: &RawCrash) -> Option<DumpId> {
-        let queue = self.dumps.as_ref()?;
+        // An Arc clone: no allocation.
+        let queue = self.dumps.clone()?;
         let stopped = matches!(crash.cause, CrashCause::Cancelled | CrashCause::TimedOut);
         if stopped && !self.config.dump_on_timeout {
             return None;
         }
-        let mut info = Box::new(CrashInfo {
+        let Some(mut info) = self.spare_crash_info.take() else {
+            // Only after a capture that was not followed by restore().
+            tracing::warn!(sandbox = self.id, "no crash record reserved; crash dump skipped");
+            return None;
+        };
+        *info = CrashInfo {
             dump_id: 0,
             sandbox_id: self.id,
             timestamp_ns: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0),
@@ -50,7 +57,7 @@ impl Sandbox {
             message: heapless::String::new(),
             message_truncated: false,
             regions: heapless::Vec::new(),
-        });
+        };
         let (xsave, xcrs) = self.with_vm(|vm| (vm.vcpu.get_xsave().ok(), vm.vcpu.get_xcrs().ok()));
         if let Some(xsave) = xsave {
             for (chunk, word) in info.xsave.chunks_exact_mut(4).zip(xsave.region.iter()) {
@@ -75,7 +82,7 @@ impl Sandbox {
         }
         self.fill_regions(&mut info);
 
-        let memory = match self.mapping.detach() {
+        let memory = match self.capture_memory(crash) {
             Ok(memory) => memory,
             Err(error) => {
                 queue.count_capture_failure();
@@ -86,6 +93,66 @@ impl Sandbox {
         let dump_id = queue.next_id();
         info.dump_id = dump_id;
         queue.try_push(DumpRequest { info, memory }).then_some(dump_id)
+    }
+
+    /// Moves the crashed memory out of the sandbox; an on-demand dump of a
+    /// live sandbox copies it instead, because the sandbox keeps running.
+    fn capture_memory(&mut self, crash: &RawCrash) -> std::io::Result<crate::memory::mapping::Mapping> {
+        if matches!(crash.cause, CrashCause::OnDemand) {
+            let copy = crate::memory::mapping::MemFile::from_mapping("sandcore-dump", &self.mapping)?;
+            crate::memory::mapping::Mapping::new(std::sync::Arc::new(copy))
+        } else {
+            self.mapping.detach()
+        }
+    }
+
+    /// Reserves the crash record the next capture fills, outside the crash path.
+    pub(crate) fn reserve_crash_info(&mut self) {
+        if self.dumps.is_some() && self.spare_crash_info.is_none() {
+            self.spare_crash_info = Some(Box::new(CrashInfo {
+                dump_id: 0,
+                sandbox_id: self.id,
+                timestamp_ns: 0,
+                kind: CrashKind::OnDemand,
+                registers: Registers::default(),
+                control: ControlRegisters::default(),
+                xsave: [0; XSAVE_AREA_SIZE],
+                xcr0: 0,
+                guest_name: heapless::String::new(),
+                guest_path: heapless::String::new(),
+                build_id: heapless::Vec::new(),
+                function: heapless::String::new(),
+                entry_point: 0,
+                message: heapless::String::new(),
+                message_truncated: false,
+                regions: heapless::Vec::new(),
+            }));
+        }
+    }
+
+    /// Writes a dump of this live sandbox without ending it: registers at
+    /// the point where the guest waits for calls, and a copy of its memory.
+    /// Returns the dump id; the worker's receipt tells where it went.
+    pub fn dump(&mut self) -> Result<DumpId, crate::error::SandboxError> {
+        use crate::error::SandboxError;
+        if self.dumps.is_none() {
+            return Err(SandboxError::InvalidConfiguration(
+                "crash dumps are off for this sandbox; enable guest_core_dump on the builder".into(),
+            ));
+        }
+        if let Some(cause) = &self.poisoned {
+            return Err(SandboxError::Poisoned { cause: cause.clone() });
+        }
+        let (regs, sregs) = self.with_vm(|vm| (vm.vcpu.get_regs().ok(), vm.vcpu.get_sregs().ok()));
+        let raw = RawCrash { cause: CrashCause::OnDemand, regs, sregs, time_limit: None };
+        self.reserve_crash_info();
+        let dump_id = self.capture_dump(&raw);
+        self.reserve_crash_info();
+        self.start_polling();
+        dump_id.ok_or_else(|| SandboxError::Os {
+            operation: "queueing an on-demand dump",
+            source: std::io::Error::other("the dump queue is full or the memory copy failed; see the log"),
+        })
     }
 
     /// Lists every mapped range, merging neighbours with the same rights;
@@ -142,6 +209,7 @@ fn crash_kind(crash: &RawCrash) -> CrashKind {
         CrashCause::Unexpected(_) => CrashKind::UnexpectedExit,
         CrashCause::Cancelled => CrashKind::Cancelled,
         CrashCause::TimedOut => CrashKind::Timeout,
+        CrashCause::OnDemand => CrashKind::OnDemand,
     }
 }
 

@@ -66,6 +66,8 @@ pub enum CrashCause {
     Cancelled,
     /// Call time limit passed.
     TimedOut,
+    /// The host asked for a dump of a live sandbox (never an error).
+    OnDemand,
 }
 
 /// A decoded crash with the register state read right after the exit.
@@ -223,5 +225,6 @@ pub fn exit_to_error(crash: &RawCrash) -> SandboxError {
         }
         CrashCause::Cancelled => SandboxError::Cancelled { dump: None },
         CrashCause::TimedOut => SandboxError::TimedOut { limit: crash.time_limit.unwrap_or_default(), dump: None },
+        CrashCause::OnDemand => SandboxError::UnexpectedExit { description: "on-demand dump".into(), dump: None },
     }
 }

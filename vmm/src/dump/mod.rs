@@ -9,7 +9,7 @@
 
 mod worker;
 
-pub use worker::{DumpReceipt, DumpStats, DumpWorker, DumpWorkerBuilder, SinkResult};
+pub use worker::{flush_all, DumpReceipt, DumpStats, DumpWorker, DumpWorkerBuilder, SinkResult};
 pub(crate) use worker::{DumpQueue, DumpRequest};
 
 /// Default number of crash snapshots the queue holds before dropping new ones.

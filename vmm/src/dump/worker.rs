@@ -248,12 +248,11 @@ impl DumpWorker {
     /// the system temp directory). An unusable directory falls back to the
     /// temp directory with a logged warning.
     pub fn for_directory(dir: Option<&Path>) -> Result<DumpWorker, SandboxError> {
-        static WORKERS: OnceLock<Mutex<HashMap<PathBuf, DumpWorker>>> = OnceLock::new();
         let (directory, warning) = resolve_dump_dir(dir);
         if let Some(warning) = warning {
             tracing::warn!("{warning}");
         }
-        let mut workers = WORKERS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+        let mut workers = DEFAULT_WORKERS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
         if let Some(worker) = workers.get(&directory) {
             return Ok(worker.clone());
         }
@@ -308,6 +307,23 @@ impl DumpWorker {
     pub fn flush(&self, timeout: Duration) -> bool {
         wait_idle(&self.owner.shared, Some(timeout))
     }
+}
+
+/// Process-wide file workers, one per dump directory. Statics are never
+/// dropped, so a host that exits right after a crash calls [`flush_all`].
+static DEFAULT_WORKERS: OnceLock<Mutex<HashMap<PathBuf, DumpWorker>>> = OnceLock::new();
+
+/// Waits until every process-wide file worker (see
+/// [`DumpWorker::for_directory`]) has written its queued dumps, or `timeout`
+/// passes. Returns true if all queues are empty. Call it before the process
+/// exits, or dumps still in a queue are lost.
+pub fn flush_all(timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let workers: Vec<DumpWorker> = match DEFAULT_WORKERS.get() {
+        Some(workers) => workers.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect(),
+        None => return true,
+    };
+    workers.iter().all(|worker| worker.flush(deadline.saturating_duration_since(Instant::now())))
 }
 
 fn wait_idle(shared: &Shared, timeout: Option<Duration>) -> bool {

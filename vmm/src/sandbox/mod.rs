@@ -66,6 +66,9 @@ pub struct Sandbox {
     pub(crate) last_call: CallReport,
     #[cfg(feature = "crashdump")]
     pub(crate) dumps: Option<crate::dump::DumpQueue>,
+    /// Crash record for the next capture, allocated outside the crash path.
+    #[cfg(feature = "crashdump")]
+    pub(crate) spare_crash_info: Option<Box<sandcore_sinks::snapshot::CrashInfo>>,
 }
 
 /// A saved point of one sandbox's memory and vCPU state, to return to with
@@ -105,7 +108,8 @@ impl Sandbox {
         };
         let id = NEXT_SANDBOX_ID.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(sandbox = id, guest = %base.guest_name, transport = ?config.transport, "sandbox created");
-        let sandbox = Sandbox {
+        #[cfg_attr(not(feature = "crashdump"), allow(unused_mut))]
+        let mut sandbox = Sandbox {
             vcpu,
             mapping,
             base,
@@ -122,7 +126,11 @@ impl Sandbox {
             last_call: CallReport::default(),
             #[cfg(feature = "crashdump")]
             dumps,
+            #[cfg(feature = "crashdump")]
+            spare_crash_info: None,
         };
+        #[cfg(feature = "crashdump")]
+        sandbox.reserve_crash_info();
         sandbox.start_polling();
         Ok(sandbox)
     }
@@ -131,7 +139,7 @@ impl Sandbox {
     /// transport) and lets a polling vCPU thread run. Needed after every
     /// change of memory image, because an image holds the idle time of the
     /// sandbox it was taken from.
-    fn start_polling(&self) {
+    pub(crate) fn start_polling(&self) {
         let header = self.input.header();
         header.host_waiting.store(0, Ordering::SeqCst);
         match (&self.vcpu, self.config.transport) {
@@ -216,6 +224,8 @@ impl Sandbox {
         }
         self.with_vm(|vm| vm.set_state(state))?;
         self.poisoned = None;
+        #[cfg(feature = "crashdump")]
+        self.reserve_crash_info();
         self.start_polling();
         Ok(())
     }
