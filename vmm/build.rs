@@ -10,8 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
-    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let guest_dir = manifest_dir.join("../guest").canonicalize().expect("guest/ next to vmm/");
+    let manifest_dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let guest_dir = manifest_dir
+        .join("../guest")
+        .canonicalize()
+        .expect("guest/ next to vmm/");
     let target_dir = match env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => PathBuf::from(dir).join("guest"),
         None => manifest_dir.join("../target/guest"),
@@ -24,13 +28,26 @@ fn main() {
         .args(["build", "--release", "--locked", "--target-dir"])
         .arg(&target_dir)
         .env_clear();
-    for key in ["PATH", "HOME", "CARGO_HOME", "RUSTUP_HOME", "RUSTUP_TOOLCHAIN", "TMPDIR"] {
+    for key in [
+        "PATH",
+        "HOME",
+        "CARGO_HOME",
+        "RUSTUP_HOME",
+        "RUSTUP_TOOLCHAIN",
+        "TMPDIR",
+    ] {
         if let Some(value) = env::var_os(key) {
             command.env(key, value);
         }
     }
-    let status = command.status().expect("failed to start cargo for the guest workspace");
-    assert!(status.success(), "building the guest workspace in {} failed", guest_dir.display());
+    let status = command
+        .status()
+        .expect("failed to start cargo for the guest workspace");
+    assert!(
+        status.success(),
+        "building the guest workspace in {} failed",
+        guest_dir.display()
+    );
 
     let demo = target_dir.join("x86_64-unknown-linux-gnu/release/demo");
     assert!(demo.is_file(), "guest build produced no {}", demo.display());

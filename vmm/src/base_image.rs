@@ -21,12 +21,12 @@ use crate::crash::{exit_to_error, RawCrash};
 use crate::error::{os_error, SandboxError};
 use crate::guest_image::{GuestBinaryError, GuestImage};
 use crate::memory::layout::{
-    MemoryLayout, RegionSizes, GDT_ADDRESS, IDT_ADDRESS, IST1_STACK_BASE, IST1_STACK_TOP, PAGE_TABLES_ADDRESS,
-    RING0_STACK_BASE, RING0_STACK_TOP, STUBS_ADDRESS,
+    MemoryLayout, RegionSizes, GDT_ADDRESS, IDT_ADDRESS, IST1_STACK_BASE, IST1_STACK_TOP,
+    PAGE_TABLES_ADDRESS, RING0_STACK_BASE, RING0_STACK_TOP, STUBS_ADDRESS,
 };
 use crate::memory::mapping::MemFile;
 use crate::memory::paging::{write_page_tables, PageFlags, PageMapping};
-use crate::vcpu::{initial_state, shim, Exit, Vm, VcpuState};
+use crate::vcpu::{initial_state, shim, Exit, VcpuState, Vm};
 
 /// Guest memory and vCPU state after initialisation, shared by all sandboxes
 /// of one guest and configuration.
@@ -62,7 +62,10 @@ static NEXT_IMAGE_ID: AtomicU64 = AtomicU64::new(1);
 
 impl BaseImage {
     /// Loads `image`, runs its initialisation and returns the sealed image.
-    pub fn build(image: &GuestImage, config: &SandboxConfiguration) -> Result<Arc<BaseImage>, SandboxError> {
+    pub fn build(
+        image: &GuestImage,
+        config: &SandboxConfiguration,
+    ) -> Result<Arc<BaseImage>, SandboxError> {
         config.validate()?;
         let sizes = RegionSizes {
             heap: config.heap_size,
@@ -84,7 +87,9 @@ impl BaseImage {
         let guest_memory = load(image, &memory, &layout, &mappings)?;
         let state = run_initialisation(image, &guest_memory, &layout)?;
         drop(guest_memory);
-        memory.seal().map_err(os_error("sealing the base image memfd"))?;
+        memory
+            .seal()
+            .map_err(os_error("sealing the base image memfd"))?;
 
         Ok(Arc::new(BaseImage {
             id: NEXT_IMAGE_ID.fetch_add(1, Ordering::Relaxed),
@@ -114,13 +119,28 @@ impl BaseImage {
 
 /// Every mapped range with its permissions, and the image segments with
 /// their file offsets.
-fn page_mappings(image: &GuestImage, layout: &MemoryLayout) -> (Vec<PageMapping>, Vec<(PageMapping, u64)>) {
+fn page_mappings(
+    image: &GuestImage,
+    layout: &MemoryLayout,
+) -> (Vec<PageMapping>, Vec<(PageMapping, u64)>) {
     let page = |start: u64, end: u64, flags: PageFlags| PageMapping { start, end, flags };
     let mut mappings = vec![
-        page(BOOT_INFO_ADDRESS, BOOT_INFO_ADDRESS + PAGE_SIZE, PageFlags::USER_READ_ONLY),
+        page(
+            BOOT_INFO_ADDRESS,
+            BOOT_INFO_ADDRESS + PAGE_SIZE,
+            PageFlags::USER_READ_ONLY,
+        ),
         page(GDT_ADDRESS, GDT_ADDRESS + PAGE_SIZE, PageFlags::KERNEL_DATA),
-        page(IDT_ADDRESS, IDT_ADDRESS + PAGE_SIZE, PageFlags::KERNEL_READ_ONLY),
-        page(STUBS_ADDRESS, STUBS_ADDRESS + PAGE_SIZE, PageFlags::KERNEL_CODE),
+        page(
+            IDT_ADDRESS,
+            IDT_ADDRESS + PAGE_SIZE,
+            PageFlags::KERNEL_READ_ONLY,
+        ),
+        page(
+            STUBS_ADDRESS,
+            STUBS_ADDRESS + PAGE_SIZE,
+            PageFlags::KERNEL_CODE,
+        ),
         page(RING0_STACK_BASE, RING0_STACK_TOP, PageFlags::KERNEL_DATA),
         page(IST1_STACK_BASE, IST1_STACK_TOP, PageFlags::KERNEL_DATA),
     ];
@@ -137,10 +157,26 @@ fn page_mappings(image: &GuestImage, layout: &MemoryLayout) -> (Vec<PageMapping>
         mappings.push(mapping);
         image_segments.push((mapping, segment.file_offset));
     }
-    mappings.push(page(layout.heap_base, layout.heap_base + layout.heap_size, PageFlags::USER_DATA));
-    mappings.push(page(layout.stack_base, layout.stack_base + layout.stack_size, PageFlags::USER_DATA));
-    mappings.push(page(layout.input_base, layout.input_base + layout.input_size, PageFlags::USER_DATA));
-    mappings.push(page(layout.output_base, layout.output_base + layout.output_size, PageFlags::USER_DATA));
+    mappings.push(page(
+        layout.heap_base,
+        layout.heap_base + layout.heap_size,
+        PageFlags::USER_DATA,
+    ));
+    mappings.push(page(
+        layout.stack_base,
+        layout.stack_base + layout.stack_size,
+        PageFlags::USER_DATA,
+    ));
+    mappings.push(page(
+        layout.input_base,
+        layout.input_base + layout.input_size,
+        PageFlags::USER_DATA,
+    ));
+    mappings.push(page(
+        layout.output_base,
+        layout.output_base + layout.output_size,
+        PageFlags::USER_DATA,
+    ));
     (mappings, image_segments)
 }
 
@@ -151,13 +187,19 @@ fn load(
     layout: &MemoryLayout,
     mappings: &[PageMapping],
 ) -> Result<GuestMemoryMmap, SandboxError> {
-    let file = memory.file().try_clone().map_err(os_error("duplicating the memfd"))?;
+    let file = memory
+        .file()
+        .try_clone()
+        .map_err(os_error("duplicating the memfd"))?;
     let guest_memory = GuestMemoryMmap::<()>::from_ranges_with_files([(
         GuestAddress(0),
         layout.memory_size as usize,
         Some(FileOffset::new(file, 0)),
     )])
-    .map_err(|error| SandboxError::Os { operation: "mapping guest memory", source: std::io::Error::other(error) })?;
+    .map_err(|error| SandboxError::Os {
+        operation: "mapping guest memory",
+        source: std::io::Error::other(error),
+    })?;
 
     Elf::load(&guest_memory, None, &mut Cursor::new(&image.bytes), None)
         .map_err(|error| GuestBinaryError::Load(error.to_string()))?;
@@ -165,7 +207,8 @@ fn load(
     // Host-owned area below the image: built in a buffer, then only the
     // pages that hold data are written, so the memfd stays sparse.
     let mut low = vec![0u8; IMAGE_BASE as usize];
-    low[BOOT_INFO_ADDRESS as usize..][..std::mem::size_of::<BootInfo>()].copy_from_slice(&boot_info_bytes(&layout.boot_info()));
+    low[BOOT_INFO_ADDRESS as usize..][..std::mem::size_of::<BootInfo>()]
+        .copy_from_slice(&boot_info_bytes(&layout.boot_info()));
     shim::write_shim(&mut low);
     let page_table_end = PAGE_TABLES_ADDRESS + layout.page_table_pages * PAGE_SIZE;
     let mut tables = vec![0u8; page_table_end as usize];
@@ -176,7 +219,10 @@ fn load(
         if chunk.iter().any(|&b| b != 0) {
             guest_memory
                 .write_slice(chunk, GuestAddress(index as u64 * PAGE_SIZE))
-                .map_err(|error| SandboxError::Os { operation: "writing the host area", source: std::io::Error::other(error) })?;
+                .map_err(|error| SandboxError::Os {
+                    operation: "writing the host area",
+                    source: std::io::Error::other(error),
+                })?;
         }
     }
     Ok(guest_memory)
@@ -214,11 +260,19 @@ fn run_initialisation(
 ) -> Result<VcpuState, SandboxError> {
     let host_address = guest_memory
         .get_host_address(GuestAddress(0))
-        .map_err(|error| SandboxError::Os { operation: "finding guest memory", source: std::io::Error::other(error) })?;
+        .map_err(|error| SandboxError::Os {
+            operation: "finding guest memory",
+            source: std::io::Error::other(error),
+        })?;
     // SAFETY: `guest_memory` outlives the VM, which is dropped at the end of
     // this function.
     let mut vm = unsafe { Vm::new(host_address, layout.memory_size) }?;
-    let start = initial_state(&vm, PAGE_TABLES_ADDRESS, image.entry, layout.initial_stack_pointer())?;
+    let start = initial_state(
+        &vm,
+        PAGE_TABLES_ADDRESS,
+        image.entry,
+        layout.initial_stack_pointer(),
+    )?;
     vm.set_state(&start)?;
 
     let started = std::time::Instant::now();
@@ -229,7 +283,9 @@ fn run_initialisation(
             Exit::Interrupted => continue,
             other => {
                 // SAFETY: the VM is stopped, so reading guest memory races with nothing.
-                let memory = unsafe { std::slice::from_raw_parts(host_address, layout.memory_size as usize) };
+                let memory = unsafe {
+                    std::slice::from_raw_parts(host_address, layout.memory_size as usize)
+                };
                 let crash = RawCrash::from_exit(other, &vm, memory, layout, None);
                 let error = exit_to_error(&crash);
                 return Err(SandboxError::InitialisationFailed(Box::new(error)));

@@ -81,7 +81,11 @@ impl SandboxConfiguration {
             ("heap_size", self.heap_size, MIN_HEAP_SIZE),
             ("stack_size", self.stack_size, MIN_STACK_SIZE),
             ("input_buffer_size", self.input_buffer_size, MIN_BUFFER_SIZE),
-            ("output_buffer_size", self.output_buffer_size, MIN_BUFFER_SIZE),
+            (
+                "output_buffer_size",
+                self.output_buffer_size,
+                MIN_BUFFER_SIZE,
+            ),
         ];
         for (field, value, minimum) in checks {
             if value % PAGE_SIZE != 0 {
@@ -105,7 +109,11 @@ impl SandboxConfiguration {
                 "buffer sizes must stay below 4 GiB because slot lengths are 32-bit".into(),
             ));
         }
-        if self.transport == (Transport::Polling { idle_spin: Duration::ZERO }) {
+        if self.transport
+            == (Transport::Polling {
+                idle_spin: Duration::ZERO,
+            })
+        {
             return Err(SandboxError::InvalidConfiguration(
                 "Transport::Polling with idle_spin = 0 would park after every call; use Transport::Exit instead".into(),
             ));
@@ -130,14 +138,20 @@ mod tests {
 
     #[test]
     fn unaligned_heap_names_the_field() {
-        let config = SandboxConfiguration { heap_size: 5000, ..Default::default() };
+        let config = SandboxConfiguration {
+            heap_size: 5000,
+            ..Default::default()
+        };
         let message = config.validate().unwrap_err().to_string();
         assert!(message.contains("heap_size = 5000"), "{message}");
     }
 
     #[test]
     fn tiny_stack_is_rejected() {
-        let config = SandboxConfiguration { stack_size: 4096, ..Default::default() };
+        let config = SandboxConfiguration {
+            stack_size: 4096,
+            ..Default::default()
+        };
         let message = config.validate().unwrap_err().to_string();
         assert!(message.contains("stack_size = 4096 is below"), "{message}");
     }

@@ -59,7 +59,9 @@ pub enum SandboxError {
         message: String,
     },
     /// The guest returned a value of another type than requested.
-    #[error("guest function {function:?} returned a {actual}, but the caller expected a {expected}")]
+    #[error(
+        "guest function {function:?} returned a {actual}, but the caller expected a {expected}"
+    )]
     ReturnTypeMismatch {
         /// Function called.
         function: String,

@@ -196,7 +196,10 @@ impl GuestImage {
             path: path.to_path_buf(),
             message: error.to_string(),
         })?;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "guest".into());
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "guest".into());
         GuestImage::parse(bytes, name, path.display().to_string())
     }
 
@@ -243,7 +246,9 @@ impl GuestImage {
                 });
             }
             if header.kind == PT_NOTE && build_id.is_empty() {
-                build_id = find_build_id(&bytes[header.offset as usize..(header.offset + header.file_size) as usize]);
+                build_id = find_build_id(
+                    &bytes[header.offset as usize..(header.offset + header.file_size) as usize],
+                );
             }
             if header.kind != PT_LOAD || header.memory_size == 0 {
                 continue;
@@ -255,7 +260,10 @@ impl GuestImage {
                     memory_size: header.memory_size,
                 });
             }
-            let end = header.address.checked_add(header.memory_size).and_then(page_align_up);
+            let end = header
+                .address
+                .checked_add(header.memory_size)
+                .and_then(page_align_up);
             let start = header.address & !(PAGE_SIZE - 1);
             let Some(end) = end.filter(|&end| start >= IMAGE_BASE && end <= MAX_MEMORY_SIZE) else {
                 return Err(GuestBinaryError::SegmentOutsideMemory {
@@ -283,15 +291,30 @@ impl GuestImage {
             let (first, a) = pair[0];
             let (second, b) = pair[1];
             if b.start < a.end {
-                return Err(GuestBinaryError::OverlappingSegments { first, second, page: b.start });
+                return Err(GuestBinaryError::OverlappingSegments {
+                    first,
+                    second,
+                    page: b.start,
+                });
             }
         }
         let segments: Vec<Segment> = segments.into_iter().map(|(_, segment)| segment).collect();
-        if !segments.iter().any(|s| s.executable && (s.start..s.end).contains(&entry)) {
+        if !segments
+            .iter()
+            .any(|s| s.executable && (s.start..s.end).contains(&entry))
+        {
             return Err(GuestBinaryError::EntryOutsideImage { entry });
         }
         let end = segments.last().expect("at least one segment").end;
-        Ok(GuestImage { bytes, name, path, entry, segments, build_id, end })
+        Ok(GuestImage {
+            bytes,
+            name,
+            path,
+            entry,
+            segments,
+            build_id,
+            end,
+        })
     }
 }
 
@@ -299,9 +322,16 @@ fn program_headers(bytes: &[u8]) -> Result<Vec<ProgramHeader>, GuestBinaryError>
     let offset = read_u64(bytes, 32);
     let entry_size = read_u16(bytes, 54);
     let count = read_u16(bytes, 56);
-    let table_end = (count as u64).checked_mul(PHDR_SIZE as u64).and_then(|size| size.checked_add(offset));
+    let table_end = (count as u64)
+        .checked_mul(PHDR_SIZE as u64)
+        .and_then(|size| size.checked_add(offset));
     if entry_size as usize != PHDR_SIZE || table_end.is_none_or(|end| end > bytes.len() as u64) {
-        return Err(GuestBinaryError::BadProgramHeaders { offset, count, entry_size, file_size: bytes.len() });
+        return Err(GuestBinaryError::BadProgramHeaders {
+            offset,
+            count,
+            entry_size,
+            file_size: bytes.len(),
+        });
     }
     Ok((0..count as usize)
         .map(|index| {

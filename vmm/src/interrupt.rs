@@ -8,8 +8,8 @@
 //! One atomic word holds the call's generation, a running bit and the stop
 //! reason, so a stop request aimed at one call can never stop the next one.
 
-use std::collections::{BinaryHeap, HashMap};
 use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -61,16 +61,18 @@ impl InterruptState {
     pub(crate) fn begin_call(&self, thread: Option<libc::pthread_t>) -> u64 {
         // SAFETY: pthread_self has no preconditions.
         let thread = thread.unwrap_or_else(|| unsafe { libc::pthread_self() });
-        self.thread.store(thread as u64, Ordering::SeqCst);
+        self.thread.store(thread, Ordering::SeqCst);
         let generation = self.word.load(Ordering::SeqCst) >> FLAG_BITS;
-        self.word.store((generation << FLAG_BITS) | RUNNING, Ordering::SeqCst);
+        self.word
+            .store((generation << FLAG_BITS) | RUNNING, Ordering::SeqCst);
         generation
     }
 
     /// Marks the end of the current call, so late stop requests miss it.
     pub(crate) fn end_call(&self) {
         let generation = self.word.load(Ordering::SeqCst) >> FLAG_BITS;
-        self.word.store((generation + 1) << FLAG_BITS, Ordering::SeqCst);
+        self.word
+            .store((generation + 1) << FLAG_BITS, Ordering::SeqCst);
     }
 
     /// Returns the stop reason of the current call, if one was requested.
@@ -95,17 +97,23 @@ impl InterruptState {
             if !running || !same_call {
                 return false;
             }
-            match self.word.compare_exchange(word, word | flag, Ordering::SeqCst, Ordering::SeqCst) {
+            match self
+                .word
+                .compare_exchange(word, word | flag, Ordering::SeqCst, Ordering::SeqCst)
+            {
                 Ok(_) => break,
                 Err(current) => word = current,
             }
         }
-        let guard = self.immediate_exit.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let guard = self
+            .immediate_exit
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(ImmediateExit(pointer)) = guard.as_ref() {
             // SAFETY: the vCPU is alive while the field is Some (checked
             // under the lock); KVM reads this byte at the next KVM_RUN entry.
             unsafe { pointer.write_volatile(1) };
-            let thread = self.thread.load(Ordering::SeqCst) as libc::pthread_t;
+            let thread = self.thread.load(Ordering::SeqCst);
             // NOTE: if the call ends and its thread exits between the check
             // above and this line, the signal goes to a stale thread id.
             // SAFETY: the thread id was stored by the thread running the call.
@@ -117,7 +125,10 @@ impl InterruptState {
     /// Makes `thread`'s current or next `KVM_RUN` return at once, whatever
     /// the call state; the polling transport uses it to pause its vCPU thread.
     pub(crate) fn kick(&self, thread: libc::pthread_t) {
-        let guard = self.immediate_exit.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let guard = self
+            .immediate_exit
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(ImmediateExit(pointer)) = guard.as_ref() {
             // SAFETY: as in `stop`: the vCPU is alive while the field is Some.
             unsafe { pointer.write_volatile(1) };
@@ -129,7 +140,10 @@ impl InterruptState {
 
     /// Forgets the vCPU; called before the vCPU is closed.
     pub(crate) fn detach(&self) {
-        let mut guard = self.immediate_exit.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut guard = self
+            .immediate_exit
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         *guard = None;
     }
 }
@@ -167,7 +181,11 @@ fn install_signal_handler() {
             action.sa_sigaction = on_interrupt_signal as *const () as usize;
             action.sa_flags = libc::SA_RESTART;
             libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(libc::SIGRTMIN() + INTERRUPT_SIGNAL_OFFSET, &action, std::ptr::null_mut());
+            libc::sigaction(
+                libc::SIGRTMIN() + INTERRUPT_SIGNAL_OFFSET,
+                &action,
+                std::ptr::null_mut(),
+            );
         }
     });
 }
@@ -188,8 +206,10 @@ struct WatchdogQueue {
 fn watchdog() -> &'static Watchdog {
     static WATCHDOG: OnceLock<&'static Watchdog> = OnceLock::new();
     WATCHDOG.get_or_init(|| {
-        let watchdog: &'static Watchdog =
-            Box::leak(Box::new(Watchdog { queue: Mutex::new(WatchdogQueue::default()), wakeup: Condvar::new() }));
+        let watchdog: &'static Watchdog = Box::leak(Box::new(Watchdog {
+            queue: Mutex::new(WatchdogQueue::default()),
+            wakeup: Condvar::new(),
+        }));
         std::thread::Builder::new()
             .name("sandcore-watchdog".into())
             .spawn(move || watchdog.run())
@@ -214,9 +234,17 @@ impl Watchdog {
                     }
                 }
             }
-            let wait = queue.deadlines.peek().map(|Reverse((deadline, _))| deadline.saturating_duration_since(now));
+            let wait = queue
+                .deadlines
+                .peek()
+                .map(|Reverse((deadline, _))| deadline.saturating_duration_since(now));
             queue = match wait {
-                Some(wait) => self.wakeup.wait_timeout(queue, wait).unwrap_or_else(|p| p.into_inner()).0,
+                Some(wait) => {
+                    self.wakeup
+                        .wait_timeout(queue, wait)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
                 None => self.wakeup.wait(queue).unwrap_or_else(|p| p.into_inner()),
             };
         }

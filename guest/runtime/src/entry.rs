@@ -27,7 +27,9 @@ pub fn run(boot_info: u64, setup: fn(&mut Registry)) -> ! {
         let length = registry.dispatch(request, output.payload_mut());
 
         let out_header = output.header();
-        out_header.sequence.store(header.sequence.load(Ordering::Relaxed), Ordering::Relaxed);
+        out_header
+            .sequence
+            .store(header.sequence.load(Ordering::Relaxed), Ordering::Relaxed);
         out_header.length.store(length as u32, Ordering::Relaxed);
         header.state.store(INPUT_EMPTY, Ordering::Relaxed);
         out_header.state.store(OUTPUT_REPLY, Ordering::SeqCst);
@@ -39,7 +41,9 @@ pub fn run(boot_info: u64, setup: fn(&mut Registry)) -> ! {
 /// for the output slot; see the handshake in `sandcore_abi::slot`.
 pub(crate) fn notify_waiting_host(input: &Buffer) {
     let header = input.header();
-    if header.poll_idle_ticks.load(Ordering::Relaxed) != 0 && header.host_waiting.load(Ordering::SeqCst) != 0 {
+    if header.poll_idle_ticks.load(Ordering::Relaxed) != 0
+        && header.host_waiting.load(Ordering::SeqCst) != 0
+    {
         exit_to_host(PORT_NOTIFY);
     }
 }

@@ -54,9 +54,13 @@ pub fn call_host(name: &str, arguments: &[Value<'_>]) -> Result<HostValue, HostC
         .put_call_header(name, arguments.len())
         .map_err(|_| HostCallError::RequestTooLarge)?;
     for argument in arguments {
-        writer.put_value(argument).map_err(|_| HostCallError::RequestTooLarge)?;
+        writer
+            .put_value(argument)
+            .map_err(|_| HostCallError::RequestTooLarge)?;
     }
-    header.length.store(writer.position() as u32, Ordering::Relaxed);
+    header
+        .length
+        .store(writer.position() as u32, Ordering::Relaxed);
     header.state.store(OUTPUT_HOST_CALL, Ordering::SeqCst);
 
     let input = Buffer::input();
@@ -73,7 +77,9 @@ pub fn call_host(name: &str, arguments: &[Value<'_>]) -> Result<HostValue, HostC
         }
     }
 
-    let reply = Reader::new(output.received()).reply().map_err(|_| HostCallError::MalformedReply)?;
+    let reply = Reader::new(output.received())
+        .reply()
+        .map_err(|_| HostCallError::MalformedReply)?;
     match reply {
         Reply::Ok(value) => Ok(to_owned(value)),
         Reply::Error(status, message) => Err(HostCallError::Failed(status, message.into())),

@@ -30,13 +30,24 @@ impl Write for Truncating<'_> {
 #[panic_handler]
 fn on_panic(info: &core::panic::PanicInfo<'_>) -> ! {
     let output = Buffer::output();
-    let mut message = Truncating { buffer: output.payload_mut(), length: 0 };
+    let mut message = Truncating {
+        buffer: output.payload_mut(),
+        length: 0,
+    };
     let _ = write!(message, "{}", info.message());
     if let Some(location) = info.location() {
-        let _ = write!(message, " at {}:{}:{}", location.file(), location.line(), location.column());
+        let _ = write!(
+            message,
+            " at {}:{}:{}",
+            location.file(),
+            location.line(),
+            location.column()
+        );
     }
     let header = output.header();
-    header.length.store(message.length as u32, Ordering::Relaxed);
+    header
+        .length
+        .store(message.length as u32, Ordering::Relaxed);
     header.state.store(OUTPUT_ABORT, Ordering::Release);
     loop {
         // The host never resumes an aborted guest; loop in case it does.

@@ -33,7 +33,10 @@ impl<'a> Arguments<'a> {
                 self.index
             )));
         }
-        let value = self.reader.value().map_err(|e| CallError::Malformed(alloc::format!("{e}")))?;
+        let value = self
+            .reader
+            .value()
+            .map_err(|e| CallError::Malformed(alloc::format!("{e}")))?;
         let index = self.index;
         self.remaining -= 1;
         self.index += 1;
@@ -162,7 +165,9 @@ pub struct Registry {
 
 impl Registry {
     pub(crate) fn new() -> Self {
-        Registry { entries: Vec::new() }
+        Registry {
+            entries: Vec::new(),
+        }
     }
 
     /// Registers `handler` under `name`; a later registration of the same
@@ -182,20 +187,34 @@ impl Registry {
         let (name, count) = match reader.call_header() {
             Ok(header) => header,
             Err(error) => {
-                return write_error(reply, ReplyStatus::MalformedRequest, &alloc::format!("{error}"));
+                return write_error(
+                    reply,
+                    ReplyStatus::MalformedRequest,
+                    &alloc::format!("{error}"),
+                );
             }
         };
         let Some((_, handler)) = self.entries.iter().find(|(n, _)| *n == name) else {
             return write_error(reply, ReplyStatus::UnknownFunction, name);
         };
 
-        let mut arguments = Arguments { reader, remaining: count, index: 0 };
+        let mut arguments = Arguments {
+            reader,
+            remaining: count,
+            index: 0,
+        };
         let mut writer = Writer::new(reply);
         match handler(&mut arguments, &mut writer) {
             Ok(()) => writer.position(),
-            Err(CallError::ArgumentMismatch(text)) => write_error(reply, ReplyStatus::ArgumentMismatch, &text),
-            Err(CallError::Malformed(text)) => write_error(reply, ReplyStatus::MalformedRequest, &text),
-            Err(CallError::ReplyTooLarge(text)) => write_error(reply, ReplyStatus::ReplyTooLarge, &text),
+            Err(CallError::ArgumentMismatch(text)) => {
+                write_error(reply, ReplyStatus::ArgumentMismatch, &text)
+            }
+            Err(CallError::Malformed(text)) => {
+                write_error(reply, ReplyStatus::MalformedRequest, &text)
+            }
+            Err(CallError::ReplyTooLarge(text)) => {
+                write_error(reply, ReplyStatus::ReplyTooLarge, &text)
+            }
         }
     }
 }

@@ -37,12 +37,18 @@ pub(crate) struct Buffer {
 impl Buffer {
     pub(crate) fn input() -> Buffer {
         let info = boot_info();
-        Buffer { base: info.input_base, size: info.input_size }
+        Buffer {
+            base: info.input_base,
+            size: info.input_size,
+        }
     }
 
     pub(crate) fn output() -> Buffer {
         let info = boot_info();
-        Buffer { base: info.output_base, size: info.output_size }
+        Buffer {
+            base: info.output_base,
+            size: info.output_size,
+        }
     }
 
     pub(crate) fn header(&self) -> &'static SlotHeader {
@@ -57,7 +63,10 @@ impl Buffer {
     pub(crate) fn payload(&self) -> &'static [u8] {
         // SAFETY: the range lies inside the buffer mapped for the guest.
         unsafe {
-            core::slice::from_raw_parts((self.base as usize + PAYLOAD_OFFSET) as *const u8, self.payload_capacity())
+            core::slice::from_raw_parts(
+                (self.base as usize + PAYLOAD_OFFSET) as *const u8,
+                self.payload_capacity(),
+            )
         }
     }
 
@@ -66,7 +75,10 @@ impl Buffer {
         // SAFETY: as for `payload`; the guest is single-threaded and writes
         // the payload only while it owns the slot.
         unsafe {
-            core::slice::from_raw_parts_mut((self.base as usize + PAYLOAD_OFFSET) as *mut u8, self.payload_capacity())
+            core::slice::from_raw_parts_mut(
+                (self.base as usize + PAYLOAD_OFFSET) as *mut u8,
+                self.payload_capacity(),
+            )
         }
     }
 

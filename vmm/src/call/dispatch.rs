@@ -8,7 +8,9 @@ use std::sync::atomic::Ordering;
 
 use sandcore_abi::encoding::{EncodeError, Reader, Reply, ReplyStatus, Value as WireValue, Writer};
 use sandcore_abi::ports::{PORT_HOST_CALL, PORT_PARK};
-use sandcore_abi::slot::{INPUT_CALL, OUTPUT_EMPTY, OUTPUT_HOST_CALL, OUTPUT_HOST_REPLY, OUTPUT_REPLY};
+use sandcore_abi::slot::{
+    INPUT_CALL, OUTPUT_EMPTY, OUTPUT_HOST_CALL, OUTPUT_HOST_REPLY, OUTPUT_REPLY,
+};
 
 use crate::call::polling::{futex_wait, CALLER_SLEEP, CALLER_SPIN_LIMIT};
 use crate::call::values::{Arguments, FromValue};
@@ -27,16 +29,29 @@ impl Sandbox {
     ///
     /// A crash returns its typed error, carrying the dump id when a dump was
     /// queued, and poisons the sandbox until [`Sandbox::restore`].
-    pub fn call<R: FromValue>(&mut self, function: &str, arguments: impl Arguments) -> Result<R, SandboxError> {
+    pub fn call<R: FromValue>(
+        &mut self,
+        function: &str,
+        arguments: impl Arguments,
+    ) -> Result<R, SandboxError> {
         self.call_dyn(function, &arguments)
     }
 
-    fn call_dyn<R: FromValue, A: Arguments + ?Sized>(&mut self, function: &str, arguments: &A) -> Result<R, SandboxError> {
+    fn call_dyn<R: FromValue, A: Arguments + ?Sized>(
+        &mut self,
+        function: &str,
+        arguments: &A,
+    ) -> Result<R, SandboxError> {
         if let Some(cause) = &self.poisoned {
-            return Err(SandboxError::Poisoned { cause: cause.clone() });
+            return Err(SandboxError::Poisoned {
+                cause: cause.clone(),
+            });
         }
         self.write_request(function, arguments)?;
-        self.last_call = CallReport { polling: matches!(self.vcpu, VcpuOwner::Thread(_)), ..CallReport::default() };
+        self.last_call = CallReport {
+            polling: matches!(self.vcpu, VcpuOwner::Thread(_)),
+            ..CallReport::default()
+        };
         let outcome = match &self.vcpu {
             VcpuOwner::Local(_) => self.run_call(),
             VcpuOwner::Thread(_) => self.run_polling_call(),
@@ -54,20 +69,33 @@ impl Sandbox {
         })
     }
 
-    fn write_request<A: Arguments + ?Sized>(&mut self, function: &str, arguments: &A) -> Result<(), SandboxError> {
+    fn write_request<A: Arguments + ?Sized>(
+        &mut self,
+        function: &str,
+        arguments: &A,
+    ) -> Result<(), SandboxError> {
         let input = self.input;
         // SAFETY: the vCPU is not running, so the guest does not touch the payload.
         let payload = unsafe { input.payload_mut() };
         let mut writer = Writer::new(payload);
-        let encoded = writer.put_call_header(function, arguments.count()).and_then(|()| arguments.encode(&mut writer));
+        let encoded = writer
+            .put_call_header(function, arguments.count())
+            .and_then(|()| arguments.encode(&mut writer));
         if let Err(error) = encoded {
             return Err(match error {
                 EncodeError::BufferTooSmall { .. } => {
                     let mut measure = vec![0u8; 0];
                     let needed = encoded_size(function, arguments, &mut measure);
-                    SandboxError::RequestTooLarge { function: function.into(), needed, available: input.capacity() }
+                    SandboxError::RequestTooLarge {
+                        function: function.into(),
+                        needed,
+                        available: input.capacity(),
+                    }
                 }
-                other => SandboxError::ArgumentMismatch { function: function.into(), message: other.to_string() },
+                other => SandboxError::ArgumentMismatch {
+                    function: function.into(),
+                    message: other.to_string(),
+                },
             });
         }
         let length = writer.position();
@@ -81,7 +109,10 @@ impl Sandbox {
         let header = input.header();
         header.length.store(length as u32, Ordering::Relaxed);
         header.sequence.store(self.sequence, Ordering::Relaxed);
-        self.output.header().state.store(OUTPUT_EMPTY, Ordering::Relaxed);
+        self.output
+            .header()
+            .state
+            .store(OUTPUT_EMPTY, Ordering::Relaxed);
         // SeqCst, not just Release: the polling transport's vCPU thread
         // checks this word after announcing that it parks (see polling.rs).
         header.state.store(INPUT_CALL, Ordering::SeqCst);
@@ -91,7 +122,10 @@ impl Sandbox {
     /// Runs the vCPU until the guest parks with a reply, serving host calls.
     fn run_call(&mut self) -> Result<(), SandboxError> {
         let generation = self.interrupt.begin_call(None);
-        let _deadline = self.config.call_time_limit.map(|limit| Deadline::arm(&self.interrupt, generation, limit));
+        let _deadline = self
+            .config
+            .call_time_limit
+            .map(|limit| Deadline::arm(&self.interrupt, generation, limit));
         let result = loop {
             let VcpuOwner::Local(vm) = &mut self.vcpu else {
                 unreachable!("run_call is only used with the exit transport")
@@ -128,12 +162,17 @@ impl Sandbox {
             unreachable!("run_polling_call is only used with the polling transport")
         };
         let generation = self.interrupt.begin_call(Some(polling.thread_id()));
-        let _deadline = self.config.call_time_limit.map(|limit| Deadline::arm(&self.interrupt, generation, limit));
+        let _deadline = self
+            .config
+            .call_time_limit
+            .map(|limit| Deadline::arm(&self.interrupt, generation, limit));
         self.last_call.woke_guest = polling.wake_if_parked();
 
         let mut spins: u32 = 0;
         let result = loop {
-            let VcpuOwner::Thread(polling) = &self.vcpu else { unreachable!() };
+            let VcpuOwner::Thread(polling) = &self.vcpu else {
+                unreachable!()
+            };
             let output_state = self.output.header().state.load(Ordering::Acquire);
             if output_state == OUTPUT_REPLY {
                 break self.check_reply_published();
@@ -183,7 +222,10 @@ impl Sandbox {
         }
         if sequence != self.sequence {
             return Err(SandboxError::ProtocolViolation {
-                reason: format!("guest replied to request {sequence}, but request {} is pending", self.sequence),
+                reason: format!(
+                    "guest replied to request {sequence}, but request {} is pending",
+                    self.sequence
+                ),
             });
         }
         Ok(())
@@ -191,25 +233,41 @@ impl Sandbox {
 
     fn read_reply<R: FromValue>(&self, function: &str) -> Result<R, SandboxError> {
         // SAFETY: the guest is parked, so the output payload is stable.
-        let bytes = unsafe { self.output.received() }.map_err(|claimed| SandboxError::ProtocolViolation {
-            reason: format!("reply length {claimed} exceeds the output buffer's {} bytes", self.output.capacity()),
+        let bytes = unsafe { self.output.received() }.map_err(|claimed| {
+            SandboxError::ProtocolViolation {
+                reason: format!(
+                    "reply length {claimed} exceeds the output buffer's {} bytes",
+                    self.output.capacity()
+                ),
+            }
         })?;
-        let reply = Reader::new(bytes).reply().map_err(|error| SandboxError::ProtocolViolation {
-            reason: format!("reply of {function:?} cannot be decoded: {error}"),
-        })?;
+        let reply =
+            Reader::new(bytes)
+                .reply()
+                .map_err(|error| SandboxError::ProtocolViolation {
+                    reason: format!("reply of {function:?} cannot be decoded: {error}"),
+                })?;
         match reply {
-            Reply::Ok(value) => R::from_wire(value).ok_or_else(|| SandboxError::ReturnTypeMismatch {
-                function: function.into(),
-                expected: R::TYPE_NAME,
-                actual: value.value_type().name(),
+            Reply::Ok(value) => {
+                R::from_wire(value).ok_or_else(|| SandboxError::ReturnTypeMismatch {
+                    function: function.into(),
+                    expected: R::TYPE_NAME,
+                    actual: value.value_type().name(),
+                })
+            }
+            Reply::Error(ReplyStatus::UnknownFunction, _) => Err(SandboxError::UnknownFunction {
+                name: function.into(),
             }),
-            Reply::Error(ReplyStatus::UnknownFunction, _) => Err(SandboxError::UnknownFunction { name: function.into() }),
             Reply::Error(ReplyStatus::ArgumentMismatch, message) => {
-                Err(SandboxError::ArgumentMismatch { function: function.into(), message: message.into() })
+                Err(SandboxError::ArgumentMismatch {
+                    function: function.into(),
+                    message: message.into(),
+                })
             }
-            Reply::Error(ReplyStatus::ReplyTooLarge, message) => {
-                Err(SandboxError::ReplyTooLarge { function: function.into(), message: message.into() })
-            }
+            Reply::Error(ReplyStatus::ReplyTooLarge, message) => Err(SandboxError::ReplyTooLarge {
+                function: function.into(),
+                message: message.into(),
+            }),
             Reply::Error(status, message) => Err(SandboxError::ProtocolViolation {
                 reason: format!("guest answered {function:?} with status {status:?}: {message}"),
             }),
@@ -229,13 +287,19 @@ impl Sandbox {
             });
         }
         // SAFETY: the vCPU is stopped; the guest waits for the reply.
-        let request = unsafe { output.received() }.map_err(|claimed| SandboxError::ProtocolViolation {
-            reason: format!("host call length {claimed} exceeds the output buffer's {} bytes", output.capacity()),
-        })?;
+        let request =
+            unsafe { output.received() }.map_err(|claimed| SandboxError::ProtocolViolation {
+                reason: format!(
+                    "host call length {claimed} exceeds the output buffer's {} bytes",
+                    output.capacity()
+                ),
+            })?;
         let (name, result) = {
             let mut reader = Reader::new(request);
             let decoded = reader.call_header().and_then(|(name, count)| {
-                let arguments = (0..count).map(|_| reader.value()).collect::<Result<Vec<WireValue<'_>>, _>>()?;
+                let arguments = (0..count)
+                    .map(|_| reader.value())
+                    .collect::<Result<Vec<WireValue<'_>>, _>>()?;
                 reader.finish()?;
                 Ok((name, arguments))
             });
@@ -255,12 +319,19 @@ impl Sandbox {
         if written.is_err() {
             writer = Writer::new(payload);
             let mut message = String::new();
-            let _ = write!(message, "result of host function {name:?} does not fit into the output buffer");
+            let _ = write!(
+                message,
+                "result of host function {name:?} does not fit into the output buffer"
+            );
             writer
                 .put_error_reply(ReplyStatus::ReplyTooLarge, &message)
-                .map_err(|error| SandboxError::ProtocolViolation { reason: error.to_string() })?;
+                .map_err(|error| SandboxError::ProtocolViolation {
+                    reason: error.to_string(),
+                })?;
         }
-        header.length.store(writer.position() as u32, Ordering::Relaxed);
+        header
+            .length
+            .store(writer.position() as u32, Ordering::Relaxed);
         header.state.store(OUTPUT_HOST_REPLY, Ordering::Release);
         Ok(())
     }
@@ -275,17 +346,26 @@ impl Sandbox {
                 (self.print_handler)(message);
                 return Ok(crate::call::values::Value::Void);
             }
-            return Err((ReplyStatus::ArgumentMismatch, "print takes one string".into()));
+            return Err((
+                ReplyStatus::ArgumentMismatch,
+                "print takes one string".into(),
+            ));
         }
         let Some(function) = self.host_functions.get(name) else {
-            return Err((ReplyStatus::UnknownFunction, format!("no host function named {name:?}")));
+            return Err((
+                ReplyStatus::UnknownFunction,
+                format!("no host function named {name:?}"),
+            ));
         };
         match catch_unwind(AssertUnwindSafe(|| function(arguments))) {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(message)) => Err((ReplyStatus::HostFunctionFailed, message)),
             Err(_) => {
                 tracing::error!(sandbox = self.id, function = name, "host function panicked");
-                Err((ReplyStatus::HostFunctionFailed, format!("host function {name:?} panicked")))
+                Err((
+                    ReplyStatus::HostFunctionFailed,
+                    format!("host function {name:?} panicked"),
+                ))
             }
         }
     }
@@ -294,7 +374,8 @@ impl Sandbox {
     pub(crate) fn crash(&mut self, exit: Exit, stop: Option<StopReason>) -> SandboxError {
         let mapping = &self.mapping;
         let layout = &self.base.layout;
-        let mut raw = self.with_vm(|vm| RawCrash::from_exit(exit, vm, mapping.as_slice(), layout, stop));
+        let mut raw =
+            self.with_vm(|vm| RawCrash::from_exit(exit, vm, mapping.as_slice(), layout, stop));
         raw.time_limit = self.config.call_time_limit;
         #[cfg(feature = "crashdump")]
         let dump = self.capture_dump(&raw);
@@ -310,12 +391,20 @@ impl Sandbox {
 }
 
 /// Size in bytes of the encoded request, for the error message.
-fn encoded_size<A: Arguments + ?Sized>(function: &str, arguments: &A, scratch: &mut Vec<u8>) -> usize {
+fn encoded_size<A: Arguments + ?Sized>(
+    function: &str,
+    arguments: &A,
+    scratch: &mut Vec<u8>,
+) -> usize {
     let mut size = 4096;
     loop {
         scratch.resize(size, 0);
         let mut writer = Writer::new(scratch);
-        if writer.put_call_header(function, arguments.count()).and_then(|()| arguments.encode(&mut writer)).is_ok() {
+        if writer
+            .put_call_header(function, arguments.count())
+            .and_then(|()| arguments.encode(&mut writer))
+            .is_ok()
+        {
             return writer.position();
         }
         if size > u32::MAX as usize {

@@ -28,11 +28,24 @@ macro_rules! host_return {
         }
     )*};
 }
-host_return!((), i32, u32, i64, u64, f32, f64, bool, String, Vec<u8>, Value);
+host_return!(
+    (),
+    i32,
+    u32,
+    i64,
+    u64,
+    f32,
+    f64,
+    bool,
+    String,
+    Vec<u8>,
+    Value
+);
 
 impl<T: IntoValue, E: std::fmt::Display> HostReturn for Result<T, E> {
     fn into_host_result(self) -> HostResult {
-        self.map(IntoValue::into_value).map_err(|error| error.to_string())
+        self.map(IntoValue::into_value)
+            .map_err(|error| error.to_string())
     }
 }
 
@@ -45,7 +58,11 @@ pub trait HostFunction<Parameters>: Send + Sync + 'static {
 fn argument<T: FromValue>(arguments: &[WireValue<'_>], index: usize) -> Result<T, String> {
     let value = arguments[index];
     T::from_wire(value).ok_or_else(|| {
-        format!("argument {index} is a {}, expected a {}", value.value_type().name(), T::TYPE_NAME)
+        format!(
+            "argument {index} is a {}, expected a {}",
+            value.value_type().name(),
+            T::TYPE_NAME
+        )
     })
 }
 

@@ -69,7 +69,11 @@ pub(crate) struct PollingVcpu {
 
 impl PollingVcpu {
     /// Starts the vCPU thread; it waits in the halted state until `resume`.
-    pub(crate) fn start(vm: Vm, input: Slot, interrupt: Arc<InterruptState>) -> Result<PollingVcpu, SandboxError> {
+    pub(crate) fn start(
+        vm: Vm,
+        input: Slot,
+        interrupt: Arc<InterruptState>,
+    ) -> Result<PollingVcpu, SandboxError> {
         let shared = Arc::new(PollShared {
             vm: Mutex::new(vm),
             command: AtomicU32::new(PAUSE),
@@ -88,15 +92,21 @@ impl PollingVcpu {
         let thread = std::thread::Builder::new()
             .name("sandcore-vcpu".into())
             .spawn(move || vcpu_thread(&thread_shared))
-            .map_err(|source| SandboxError::Os { operation: "starting the vCPU thread", source })?;
-        let vcpu = PollingVcpu { shared, thread: Some(thread) };
+            .map_err(|source| SandboxError::Os {
+                operation: "starting the vCPU thread",
+                source,
+            })?;
+        let vcpu = PollingVcpu {
+            shared,
+            thread: Some(thread),
+        };
         vcpu.wait_halted();
         Ok(vcpu)
     }
 
     /// The vCPU thread's pthread id, for interrupt signals.
     pub(crate) fn thread_id(&self) -> libc::pthread_t {
-        self.shared.thread_id.load(Ordering::SeqCst) as libc::pthread_t
+        self.shared.thread_id.load(Ordering::SeqCst)
     }
 
     /// The vCPU thread's kernel thread id (for `/proc/self/task/<tid>`).
@@ -137,7 +147,11 @@ impl PollingVcpu {
         if !self.shared.exit_ready.swap(false, Ordering::SeqCst) {
             return None;
         }
-        self.shared.pending_exit.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.shared
+            .pending_exit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     fn wake(&self) {
@@ -156,7 +170,11 @@ impl PollingVcpu {
             if self.shared.halted.load(Ordering::SeqCst) {
                 return;
             }
-            futex_wait(&self.shared.notify_seq, seen, Some(Duration::from_millis(10)));
+            futex_wait(
+                &self.shared.notify_seq,
+                seen,
+                Some(Duration::from_millis(10)),
+            );
         }
     }
 }
@@ -191,7 +209,7 @@ fn notify(shared: &PollShared) {
 fn vcpu_thread(shared: &PollShared) {
     // SAFETY: pthread_self and gettid have no preconditions.
     let (thread, tid) = unsafe { (libc::pthread_self(), libc::gettid()) };
-    shared.thread_id.store(thread as u64, Ordering::SeqCst);
+    shared.thread_id.store(thread, Ordering::SeqCst);
     shared.tid.store(tid, Ordering::SeqCst);
     loop {
         loop {
@@ -214,8 +232,13 @@ fn vcpu_thread(shared: &PollShared) {
         let unhandled = run_until_unhandled(shared, &mut vm);
         drop(vm);
         if let Some(exit) = unhandled {
-            *shared.pending_exit.lock().unwrap_or_else(|p| p.into_inner()) = Some(exit);
-            let _ = shared.command.compare_exchange(RUN, PAUSE, Ordering::SeqCst, Ordering::SeqCst);
+            *shared
+                .pending_exit
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(exit);
+            let _ = shared
+                .command
+                .compare_exchange(RUN, PAUSE, Ordering::SeqCst, Ordering::SeqCst);
             shared.exit_ready.store(true, Ordering::SeqCst);
         }
         shared.halted.store(true, Ordering::SeqCst);
@@ -250,7 +273,10 @@ fn park(shared: &PollShared) {
     loop {
         let seen = shared.wake_seq.load(Ordering::SeqCst);
         let call_pending = shared.input.header().state.load(Ordering::SeqCst) == INPUT_CALL;
-        if call_pending || shared.command.load(Ordering::SeqCst) != RUN || shared.interrupt.stop_reason().is_some() {
+        if call_pending
+            || shared.command.load(Ordering::SeqCst) != RUN
+            || shared.interrupt.stop_reason().is_some()
+        {
             break;
         }
         futex_wait(&shared.wake_seq, seen, None);
@@ -260,13 +286,24 @@ fn park(shared: &PollShared) {
 
 /// Sleeps while `word` equals `expected`, up to `timeout`.
 pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
-    let timespec = timeout.map(|t| libc::timespec { tv_sec: t.as_secs() as libc::time_t, tv_nsec: t.subsec_nanos() as _ });
-    let timeout_pointer = timespec.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    let timespec = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_nsec: t.subsec_nanos() as _,
+    });
+    let timeout_pointer = timespec
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
     // SAFETY: FUTEX_WAIT reads the aligned u32 behind `word` and the optional
     // timespec, both valid for the call; EINTR, EAGAIN and ETIMEDOUT just
     // return to the caller's loop.
     unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG, expected, timeout_pointer);
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            expected,
+            timeout_pointer,
+        );
     }
 }
 
@@ -274,7 +311,12 @@ pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Durati
 pub(crate) fn futex_wake(word: &AtomicU32) {
     // SAFETY: FUTEX_WAKE only uses the address as a key.
     unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, i32::MAX);
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            i32::MAX,
+        );
     }
 }
 

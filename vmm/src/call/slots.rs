@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use sandcore_abi::slot::{SlotHeader, PAYLOAD_OFFSET};
 
 use crate::memory::layout::MemoryLayout;
+use crate::memory::mapping::Mapping;
 
 /// One shared buffer seen from the host.
 #[derive(Clone, Copy)]
@@ -24,16 +25,27 @@ unsafe impl Send for Slot {}
 unsafe impl Sync for Slot {}
 
 impl Slot {
-    /// The input buffer of a sandbox whose guest address 0 is at `host_base`.
-    pub fn input(host_base: *mut u8, layout: &MemoryLayout) -> Slot {
-        // SAFETY: input_base lies inside the mapping (layout invariant).
-        Slot { base: unsafe { host_base.add(layout.input_base as usize) }, size: layout.input_size as usize }
+    /// The input buffer of a sandbox running on `mapping`.
+    pub fn input(mapping: &Mapping, layout: &MemoryLayout) -> Slot {
+        Slot::within(mapping, layout.input_base, layout.input_size)
     }
 
-    /// The output buffer.
-    pub fn output(host_base: *mut u8, layout: &MemoryLayout) -> Slot {
-        // SAFETY: output_base lies inside the mapping (layout invariant).
-        Slot { base: unsafe { host_base.add(layout.output_base as usize) }, size: layout.output_size as usize }
+    /// The output buffer of a sandbox running on `mapping`.
+    pub fn output(mapping: &Mapping, layout: &MemoryLayout) -> Slot {
+        Slot::within(mapping, layout.output_base, layout.output_size)
+    }
+
+    fn within(mapping: &Mapping, address: u64, size: u64) -> Slot {
+        let end = address.checked_add(size).expect("buffer end overflows");
+        assert!(
+            end <= mapping.size() as u64,
+            "buffer {address:#x}+{size:#x} lies outside guest memory"
+        );
+        // SAFETY: the assert above keeps the offset inside the mapping.
+        Slot {
+            base: unsafe { mapping.host_address().add(address as usize) },
+            size: size as usize,
+        }
     }
 
     /// The slot header.

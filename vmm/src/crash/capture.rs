@@ -34,18 +34,30 @@ impl Sandbox {
         }
         let Some(mut info) = self.spare_crash_info.take() else {
             // Only after a capture that was not followed by restore().
-            tracing::warn!(sandbox = self.id, "no crash record reserved; crash dump skipped");
+            tracing::warn!(
+                sandbox = self.id,
+                "no crash record reserved; crash dump skipped"
+            );
             return None;
         };
         *info = CrashInfo {
             dump_id: 0,
             sandbox_id: self.id,
-            timestamp_ns: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0),
+            timestamp_ns: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
             kind: crash_kind(crash),
             registers: registers(crash),
             control: crash
                 .sregs
-                .map(|s| ControlRegisters { cr0: s.cr0, cr2: s.cr2, cr3: s.cr3, cr4: s.cr4, efer: s.efer })
+                .map(|s| ControlRegisters {
+                    cr0: s.cr0,
+                    cr2: s.cr2,
+                    cr3: s.cr3,
+                    cr4: s.cr4,
+                    efer: s.efer,
+                })
                 .unwrap_or_default(),
             xsave: [0; XSAVE_AREA_SIZE],
             xcr0: 0,
@@ -67,7 +79,10 @@ impl Sandbox {
         info.xcr0 = xcrs
             .and_then(|xcrs| {
                 let count = (xcrs.nr_xcrs as usize).min(xcrs.xcrs.len());
-                xcrs.xcrs[..count].iter().find(|x| x.xcr == XCR0).map(|x| x.value)
+                xcrs.xcrs[..count]
+                    .iter()
+                    .find(|x| x.xcr == XCR0)
+                    .map(|x| x.value)
             })
             .unwrap_or(1);
         push_truncated(&mut info.guest_name, &self.base.guest_name);
@@ -92,14 +107,20 @@ impl Sandbox {
         };
         let dump_id = queue.next_id();
         info.dump_id = dump_id;
-        queue.try_push(DumpRequest { info, memory }).then_some(dump_id)
+        queue
+            .try_push(DumpRequest { info, memory })
+            .then_some(dump_id)
     }
 
     /// Moves the crashed memory out of the sandbox; an on-demand dump of a
     /// live sandbox copies it instead, because the sandbox keeps running.
-    fn capture_memory(&mut self, crash: &RawCrash) -> std::io::Result<crate::memory::mapping::Mapping> {
+    fn capture_memory(
+        &mut self,
+        crash: &RawCrash,
+    ) -> std::io::Result<crate::memory::mapping::Mapping> {
         if matches!(crash.cause, CrashCause::OnDemand) {
-            let copy = crate::memory::mapping::MemFile::from_mapping("sandcore-dump", &self.mapping)?;
+            let copy =
+                crate::memory::mapping::MemFile::from_mapping("sandcore-dump", &self.mapping)?;
             crate::memory::mapping::Mapping::new(std::sync::Arc::new(copy))
         } else {
             self.mapping.detach()
@@ -137,21 +158,31 @@ impl Sandbox {
         use crate::error::SandboxError;
         if self.dumps.is_none() {
             return Err(SandboxError::InvalidConfiguration(
-                "crash dumps are off for this sandbox; enable guest_core_dump on the builder".into(),
+                "crash dumps are off for this sandbox; enable guest_core_dump on the builder"
+                    .into(),
             ));
         }
         if let Some(cause) = &self.poisoned {
-            return Err(SandboxError::Poisoned { cause: cause.clone() });
+            return Err(SandboxError::Poisoned {
+                cause: cause.clone(),
+            });
         }
         let (regs, sregs) = self.with_vm(|vm| (vm.vcpu.get_regs().ok(), vm.vcpu.get_sregs().ok()));
-        let raw = RawCrash { cause: CrashCause::OnDemand, regs, sregs, time_limit: None };
+        let raw = RawCrash {
+            cause: CrashCause::OnDemand,
+            regs,
+            sregs,
+            time_limit: None,
+        };
         self.reserve_crash_info();
         let dump_id = self.capture_dump(&raw);
         self.reserve_crash_info();
         self.start_polling();
         dump_id.ok_or_else(|| SandboxError::Os {
             operation: "queueing an on-demand dump",
-            source: std::io::Error::other("the dump queue is full or the memory copy failed; see the log"),
+            source: std::io::Error::other(
+                "the dump queue is full or the memory copy failed; see the log",
+            ),
         })
     }
 
@@ -160,7 +191,10 @@ impl Sandbox {
     fn fill_regions(&self, info: &mut CrashInfo) {
         let image: &[(PageMapping, u64)] = &self.base.image_segments;
         for mapping in &self.base.mappings {
-            let image_offset = image.iter().find(|(m, _)| m == mapping).map(|(_, offset)| *offset);
+            let image_offset = image
+                .iter()
+                .find(|(m, _)| m == mapping)
+                .map(|(_, offset)| *offset);
             let mut flags = RegionFlags::READ;
             if mapping.flags.contains(PageFlags::WRITABLE) {
                 flags |= RegionFlags::WRITE;
@@ -185,7 +219,11 @@ impl Sandbox {
                 }
             }
             if info.regions.push(region).is_err() {
-                tracing::warn!(sandbox = self.id, "more than {} memory regions; the rest is left out of the dump", info.regions.capacity());
+                tracing::warn!(
+                    sandbox = self.id,
+                    "more than {} memory regions; the rest is left out of the dump",
+                    info.regions.capacity()
+                );
                 break;
             }
         }
@@ -202,8 +240,13 @@ fn push_truncated<const N: usize>(target: &mut heapless::String<N>, text: &str) 
 
 fn crash_kind(crash: &RawCrash) -> CrashKind {
     match &crash.cause {
-        CrashCause::Exception(frame) => CrashKind::Exception { vector: frame.vector, error_code: frame.error_code },
-        CrashCause::StackOverflow(_) => CrashKind::StackOverflow { address: crash.sregs.map(|s| s.cr2).unwrap_or(0) },
+        CrashCause::Exception(frame) => CrashKind::Exception {
+            vector: frame.vector,
+            error_code: frame.error_code,
+        },
+        CrashCause::StackOverflow(_) => CrashKind::StackOverflow {
+            address: crash.sregs.map(|s| s.cr2).unwrap_or(0),
+        },
         CrashCause::Panic { .. } => CrashKind::Panic,
         CrashCause::TripleFault => CrashKind::TripleFault,
         CrashCause::Unexpected(_) => CrashKind::UnexpectedExit,

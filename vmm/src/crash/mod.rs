@@ -45,6 +45,9 @@ pub struct ExceptionFrame {
 }
 
 /// Why the guest stopped, decoded without allocating.
+// The panic message is inline on purpose: boxing it would allocate on the
+// crash path.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum CrashCause {
     /// CPU exception.
@@ -95,7 +98,9 @@ impl RawCrash {
         let regs = vm.vcpu.get_regs().ok();
         let sregs = vm.vcpu.get_sregs().ok();
         let cause = match exit {
-            Exit::Io(PORT_EXCEPTION) => decode_exception(regs.as_ref(), sregs.as_ref(), memory, layout),
+            Exit::Io(PORT_EXCEPTION) => {
+                decode_exception(regs.as_ref(), sregs.as_ref(), memory, layout)
+            }
             Exit::Io(PORT_ABORT) => decode_panic(memory, layout),
             Exit::Io(port) => unexpected(format_args!("guest wrote to unknown I/O port {port:#x}")),
             Exit::Shutdown => CrashCause::TripleFault,
@@ -104,9 +109,16 @@ impl RawCrash {
                 _ => CrashCause::Cancelled,
             },
             Exit::Other { what, detail } => unexpected(format_args!("{what} {detail:#x}")),
-            Exit::Failed(error) => unexpected(format_args!("KVM_RUN failed with errno {}", error.errno())),
+            Exit::Failed(error) => {
+                unexpected(format_args!("KVM_RUN failed with errno {}", error.errno()))
+            }
         };
-        RawCrash { cause, regs, sregs, time_limit: None }
+        RawCrash {
+            cause,
+            regs,
+            sregs,
+            time_limit: None,
+        }
     }
 
     /// Registers as gdb should see them: the CPU's frame for exceptions,
@@ -148,12 +160,17 @@ fn decode_exception(
     // The stub leaves RSP exactly at the frame. Any other value means the
     // stub itself faulted or the guest jumped into it; neither is trusted.
     if regs.rsp != RING0_STACK_TOP - FRAME_BYTES && regs.rsp != IST1_STACK_TOP - FRAME_BYTES {
-        return unexpected(format_args!("exception exit with ring-0 RSP {:#x} not at a frame", regs.rsp));
+        return unexpected(format_args!(
+            "exception exit with ring-0 RSP {:#x} not at a frame",
+            regs.rsp
+        ));
     }
     let field = |index: u64| read_u64(memory, regs.rsp + index * 8).unwrap_or(0);
     let vector = field(0);
     if vector >= 32 || shim::frame_stack_top(vector as u8) != regs.rsp + FRAME_BYTES {
-        return unexpected(format_args!("exception exit with vector {vector} on the wrong stack"));
+        return unexpected(format_args!(
+            "exception exit with vector {vector} on the wrong stack"
+        ));
     }
     let frame = ExceptionFrame {
         vector: vector as u8,
@@ -181,15 +198,22 @@ fn decode_panic(memory: &[u8], layout: &MemoryLayout) -> CrashCause {
     // fields are atomics; the vCPU is stopped.
     let header = unsafe { &*(header_bytes.as_ptr() as *const SlotHeader) };
     if header.state.load(Ordering::Acquire) != OUTPUT_ABORT {
-        return unexpected(format_args!("guest wrote to the abort port without an abort message"));
+        return unexpected(format_args!(
+            "guest wrote to the abort port without an abort message"
+        ));
     }
     let claimed = header.length.load(Ordering::Relaxed) as usize;
     let length = claimed.min(capacity);
     let text = &memory[base + PAYLOAD_OFFSET..base + PAYLOAD_OFFSET + length];
     let mut message = heapless::String::new();
-    let mut truncated = claimed > capacity || claimed == capacity;
+    // A message that fills the buffer was probably cut by the guest.
+    let mut truncated = claimed >= capacity;
     for chunk in text.utf8_chunks() {
-        for ch in chunk.valid().chars().chain((!chunk.invalid().is_empty()).then_some('\u{fffd}')) {
+        for ch in chunk
+            .valid()
+            .chars()
+            .chain((!chunk.invalid().is_empty()).then_some('\u{fffd}'))
+        {
             if message.push(ch).is_err() {
                 truncated = true;
                 break;
@@ -216,15 +240,29 @@ pub fn exit_to_error(crash: &RawCrash) -> SandboxError {
             dump: None,
         },
         CrashCause::Panic { message, truncated } => SandboxError::GuestPanic {
-            message: if *truncated { format!("{message} [truncated]") } else { message.to_string() },
+            message: if *truncated {
+                format!("{message} [truncated]")
+            } else {
+                message.to_string()
+            },
             dump: None,
         },
-        CrashCause::TripleFault => SandboxError::TripleFault { rip: crash.faulting_rip(), dump: None },
-        CrashCause::Unexpected(description) => {
-            SandboxError::UnexpectedExit { description: description.to_string(), dump: None }
-        }
+        CrashCause::TripleFault => SandboxError::TripleFault {
+            rip: crash.faulting_rip(),
+            dump: None,
+        },
+        CrashCause::Unexpected(description) => SandboxError::UnexpectedExit {
+            description: description.to_string(),
+            dump: None,
+        },
         CrashCause::Cancelled => SandboxError::Cancelled { dump: None },
-        CrashCause::TimedOut => SandboxError::TimedOut { limit: crash.time_limit.unwrap_or_default(), dump: None },
-        CrashCause::OnDemand => SandboxError::UnexpectedExit { description: "on-demand dump".into(), dump: None },
+        CrashCause::TimedOut => SandboxError::TimedOut {
+            limit: crash.time_limit.unwrap_or_default(),
+            dump: None,
+        },
+        CrashCause::OnDemand => SandboxError::UnexpectedExit {
+            description: "on-demand dump".into(),
+            dump: None,
+        },
     }
 }

@@ -131,8 +131,16 @@ impl DumpQueue {
                 true
             }
             Err(TrySendError::Full(_)) => {
-                let dropped = self.shared.dropped_queue_full.fetch_add(1, Ordering::Relaxed) + 1;
-                tracing::warn!(dump_id, dropped_total = dropped, "dump queue full; crash dump dropped");
+                let dropped = self
+                    .shared
+                    .dropped_queue_full
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
+                tracing::warn!(
+                    dump_id,
+                    dropped_total = dropped,
+                    "dump queue full; crash dump dropped"
+                );
                 false
             }
             Err(TrySendError::Disconnected(_)) => {
@@ -143,7 +151,9 @@ impl DumpQueue {
     }
 
     pub(crate) fn count_capture_failure(&self) {
-        self.shared.dropped_capture_failed.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .dropped_capture_failed
+            .fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -156,7 +166,11 @@ pub struct DumpWorkerBuilder {
 
 impl Default for DumpWorkerBuilder {
     fn default() -> Self {
-        DumpWorkerBuilder { sinks: Vec::new(), capacity: DEFAULT_QUEUE_CAPACITY, on_receipt: None }
+        DumpWorkerBuilder {
+            sinks: Vec::new(),
+            capacity: DEFAULT_QUEUE_CAPACITY,
+            on_receipt: None,
+        }
     }
 }
 
@@ -182,7 +196,9 @@ impl DumpWorkerBuilder {
     /// Starts the worker thread.
     pub fn build(self) -> Result<DumpWorker, SandboxError> {
         if self.sinks.is_empty() {
-            return Err(SandboxError::InvalidConfiguration("a dump worker needs at least one sink".into()));
+            return Err(SandboxError::InvalidConfiguration(
+                "a dump worker needs at least one sink".into(),
+            ));
         }
         if self.sinks.len() > sandcore_sinks::fanout::MAX_FANOUT_SINKS {
             return Err(SandboxError::InvalidConfiguration(format!(
@@ -207,8 +223,13 @@ impl DumpWorkerBuilder {
         std::thread::Builder::new()
             .name("sandcore-dump".into())
             .spawn(move || run_worker(receiver, sinks, on_receipt, worker_shared))
-            .map_err(|source| SandboxError::Os { operation: "starting the dump worker thread", source })?;
-        Ok(DumpWorker { owner: Arc::new(Owner { shared }) })
+            .map_err(|source| SandboxError::Os {
+                operation: "starting the dump worker thread",
+                source,
+            })?;
+        Ok(DumpWorker {
+            owner: Arc::new(Owner { shared }),
+        })
     }
 }
 
@@ -233,7 +254,9 @@ pub struct DumpWorker {
 
 impl std::fmt::Debug for DumpWorker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DumpWorker").field("stats", &self.stats()).finish()
+        f.debug_struct("DumpWorker")
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
@@ -252,18 +275,25 @@ impl DumpWorker {
         if let Some(warning) = warning {
             tracing::warn!("{warning}");
         }
-        let mut workers = DEFAULT_WORKERS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+        let mut workers = DEFAULT_WORKERS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(worker) = workers.get(&directory) {
             return Ok(worker.clone());
         }
-        let worker = DumpWorker::builder().sink(FileSink::new(FileSinkConfig::new(directory.clone()))).build()?;
+        let worker = DumpWorker::builder()
+            .sink(FileSink::new(FileSinkConfig::new(directory.clone())))
+            .build()?;
         tracing::info!(directory = %directory.display(), "crash dumps go to this directory");
         workers.insert(directory, worker.clone());
         Ok(worker)
     }
 
     pub(crate) fn queue(&self) -> DumpQueue {
-        DumpQueue { shared: Arc::clone(&self.owner.shared) }
+        DumpQueue {
+            shared: Arc::clone(&self.owner.shared),
+        }
     }
 
     /// Counters: queued, written, failed and dropped dumps.
@@ -281,8 +311,17 @@ impl DumpWorker {
 
     /// The receipt of dump `dump_id`, if the worker has finished it.
     pub fn receipt(&self, dump_id: DumpId) -> Option<DumpReceipt> {
-        let progress = self.owner.shared.progress.lock().unwrap_or_else(|p| p.into_inner());
-        progress.receipts.iter().find(|r| r.dump_id == dump_id).cloned()
+        let progress = self
+            .owner
+            .shared
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        progress
+            .receipts
+            .iter()
+            .find(|r| r.dump_id == dump_id)
+            .cloned()
     }
 
     /// Waits up to `timeout` for dump `dump_id` and returns its receipt.
@@ -298,7 +337,11 @@ impl DumpWorker {
             if left.is_zero() {
                 return None;
             }
-            progress = shared.finished.wait_timeout(progress, left).unwrap_or_else(|p| p.into_inner()).0;
+            progress = shared
+                .finished
+                .wait_timeout(progress, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -320,10 +363,17 @@ static DEFAULT_WORKERS: OnceLock<Mutex<HashMap<PathBuf, DumpWorker>>> = OnceLock
 pub fn flush_all(timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     let workers: Vec<DumpWorker> = match DEFAULT_WORKERS.get() {
-        Some(workers) => workers.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect(),
+        Some(workers) => workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect(),
         None => return true,
     };
-    workers.iter().all(|worker| worker.flush(deadline.saturating_duration_since(Instant::now())))
+    workers
+        .iter()
+        .all(|worker| worker.flush(deadline.saturating_duration_since(Instant::now())))
 }
 
 fn wait_idle(shared: &Shared, timeout: Option<Duration>) -> bool {
@@ -339,9 +389,16 @@ fn wait_idle(shared: &Shared, timeout: Option<Duration>) -> bool {
                 if left.is_zero() {
                     return false;
                 }
-                shared.finished.wait_timeout(progress, left).unwrap_or_else(|p| p.into_inner()).0
+                shared
+                    .finished
+                    .wait_timeout(progress, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
             }
-            None => shared.finished.wait(progress).unwrap_or_else(|p| p.into_inner()),
+            None => shared
+                .finished
+                .wait(progress)
+                .unwrap_or_else(|p| p.into_inner()),
         };
     }
 }
@@ -397,7 +454,10 @@ fn write_one(request: DumpRequest, sinks: &mut [Box<dyn DumpSink + Send>]) -> Du
     let started = Instant::now();
     let DumpRequest { info, memory } = request;
     let resident = memory.resident_pages().unwrap_or_default();
-    let source = CapturedMemory { mapping: memory, resident };
+    let source = CapturedMemory {
+        mapping: memory,
+        resident,
+    };
 
     let mut fan_out = FanOut::new();
     for sink in sinks.iter_mut() {
@@ -411,13 +471,20 @@ fn write_one(request: DumpRequest, sinks: &mut [Box<dyn DumpSink + Send>]) -> Du
         .iter()
         .map(|outcome| SinkResult {
             sink: outcome.name.to_string(),
-            outcome: outcome.result.as_ref().map(|r| r.location.to_string()).map_err(Clone::clone),
+            outcome: outcome
+                .result
+                .as_ref()
+                .map(|r| r.location.to_string())
+                .map_err(Clone::clone),
         })
         .collect();
     if let Err(error) = &written {
         if results.is_empty() {
             let text = error.to_string();
-            results.push(SinkResult { sink: "writer".into(), outcome: Err(SinkError::new(SinkErrorKind::Protocol, &text)) });
+            results.push(SinkResult {
+                sink: "writer".into(),
+                outcome: Err(SinkError::new(SinkErrorKind::Protocol, &text)),
+            });
         }
     }
     let receipt = DumpReceipt {
@@ -430,8 +497,12 @@ fn write_one(request: DumpRequest, sinks: &mut [Box<dyn DumpSink + Send>]) -> Du
     };
     for result in &receipt.sinks {
         match &result.outcome {
-            Ok(location) => tracing::info!(dump_id = receipt.dump_id, sink = %result.sink, %location, bytes, "crash dump stored"),
-            Err(error) => tracing::error!(dump_id = receipt.dump_id, sink = %result.sink, %error, "crash dump not stored"),
+            Ok(location) => {
+                tracing::info!(dump_id = receipt.dump_id, sink = %result.sink, %location, bytes, "crash dump stored")
+            }
+            Err(error) => {
+                tracing::error!(dump_id = receipt.dump_id, sink = %result.sink, %error, "crash dump not stored")
+            }
         }
     }
     receipt

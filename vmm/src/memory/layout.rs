@@ -6,7 +6,9 @@
 //! follow the heap, the stack guard page, the stack and the two buffers,
 //! sized by the sandbox configuration.
 
-use sandcore_abi::layout::{BootInfo, ABI_VERSION, BOOT_INFO_ADDRESS, BOOT_MAGIC, IMAGE_BASE, PAGE_SIZE};
+use sandcore_abi::layout::{
+    BootInfo, ABI_VERSION, BOOT_INFO_ADDRESS, BOOT_MAGIC, IMAGE_BASE, PAGE_SIZE,
+};
 
 /// GDT (first half of the page) and TSS (second half).
 pub const GDT_ADDRESS: u64 = 0x2000;
@@ -37,7 +39,9 @@ pub const MAX_MEMORY_SIZE: u64 = 1536 << 20;
 
 /// Rounds `value` up to a multiple of the page size, or `None` on overflow.
 pub fn page_align_up(value: u64) -> Option<u64> {
-    value.checked_add(PAGE_SIZE - 1).map(|v| v & !(PAGE_SIZE - 1))
+    value
+        .checked_add(PAGE_SIZE - 1)
+        .map(|v| v & !(PAGE_SIZE - 1))
 }
 
 /// Addresses and sizes of the regions the host places above the image.
@@ -157,7 +161,12 @@ mod tests {
 
     #[test]
     fn regions_follow_the_image() {
-        let sizes = RegionSizes { heap: 0x10_0000, stack: 0x1_0000, input: 0x1_0000, output: 0x1_0000 };
+        let sizes = RegionSizes {
+            heap: 0x10_0000,
+            stack: 0x1_0000,
+            input: 0x1_0000,
+            output: 0x1_0000,
+        };
         let layout = MemoryLayout::new(0x41_8001, sizes).unwrap();
         assert_eq!(layout.heap_base, 0x41_9000);
         assert_eq!(layout.stack_guard, 0x51_9000);
@@ -170,7 +179,12 @@ mod tests {
 
     #[test]
     fn oversized_memory_is_rejected() {
-        let sizes = RegionSizes { heap: MAX_MEMORY_SIZE, stack: 0x1000, input: 0x1000, output: 0x1000 };
+        let sizes = RegionSizes {
+            heap: MAX_MEMORY_SIZE,
+            stack: 0x1000,
+            input: 0x1000,
+            output: 0x1000,
+        };
         assert_eq!(MemoryLayout::new(IMAGE_BASE + 0x1000, sizes), None);
     }
 }

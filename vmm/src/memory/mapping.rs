@@ -36,10 +36,13 @@ impl MemFile {
     /// Creates an empty (all-zero, sparse) memfd of `size` bytes that allows
     /// sealing.
     pub fn create(name: &str, size: u64) -> io::Result<MemFile> {
-        let name = CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "memfd name contains NUL"))?;
+        let name = CString::new(name)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "memfd name contains NUL"))?;
         // SAFETY: `name` is a valid C string; memfd_create returns a new fd
         // or -1 and touches no memory of ours.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+        let fd = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -63,7 +66,8 @@ impl MemFile {
     /// mapping this image sees the same bytes. Fails if a shared writable
     /// mapping still exists.
     pub fn seal(&self) -> io::Result<()> {
-        let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        let seals =
+            libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
         // SAFETY: fcntl on our own fd with integer arguments.
         let result = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
         if result < 0 {
@@ -135,7 +139,11 @@ impl Mapping {
     /// Maps `backing` privately at an address the kernel chooses.
     pub fn new(backing: Arc<MemFile>) -> io::Result<Mapping> {
         let address = map_private(None, &backing)?;
-        Ok(Mapping { address, size: backing.size as usize, backing })
+        Ok(Mapping {
+            address,
+            size: backing.size as usize,
+            backing,
+        })
     }
 
     /// Host address of guest address 0.
@@ -165,7 +173,8 @@ impl Mapping {
     pub fn reset(&self) -> io::Result<()> {
         // SAFETY: the range is our own mapping; MADV_DONTNEED on a private
         // file mapping only discards our private copies.
-        let result = unsafe { libc::madvise(self.address.as_ptr().cast(), self.size, libc::MADV_DONTNEED) };
+        let result =
+            unsafe { libc::madvise(self.address.as_ptr().cast(), self.size, libc::MADV_DONTNEED) };
         if result != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -178,7 +187,10 @@ impl Mapping {
         if backing.size as usize != self.size {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("image of {} bytes cannot replace a mapping of {} bytes", backing.size, self.size),
+                format!(
+                    "image of {} bytes cannot replace a mapping of {} bytes",
+                    backing.size, self.size
+                ),
             ));
         }
         map_private(Some(self.address), &backing)?;
@@ -223,7 +235,8 @@ impl Mapping {
             return Err(error);
         }
         let detached = Mapping {
-            address: NonNull::new(moved.cast()).ok_or_else(|| io::Error::other("mremap returned null"))?,
+            address: NonNull::new(moved.cast())
+                .ok_or_else(|| io::Error::other("mremap returned null"))?,
             size: self.size,
             backing: Arc::clone(&self.backing),
         };
@@ -238,7 +251,8 @@ impl Mapping {
     pub fn resident_pages(&self) -> io::Result<Vec<u8>> {
         let mut flags = vec![0u8; self.size.div_ceil(PAGE_SIZE as usize)];
         // SAFETY: `flags` has one byte per page of the range, which is ours.
-        let result = unsafe { libc::mincore(self.address.as_ptr().cast(), self.size, flags.as_mut_ptr()) };
+        let result =
+            unsafe { libc::mincore(self.address.as_ptr().cast(), self.size, flags.as_mut_ptr()) };
         if result != 0 {
             return Err(io::Error::last_os_error());
         }

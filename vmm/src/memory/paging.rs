@@ -33,7 +33,9 @@ impl PageFlags {
     /// Guest code: user, read and execute.
     pub const USER_CODE: PageFlags = PageFlags::PRESENT.union(PageFlags::USER);
     /// Guest read-only data.
-    pub const USER_READ_ONLY: PageFlags = PageFlags::PRESENT.union(PageFlags::USER).union(PageFlags::NO_EXECUTE);
+    pub const USER_READ_ONLY: PageFlags = PageFlags::PRESENT
+        .union(PageFlags::USER)
+        .union(PageFlags::NO_EXECUTE);
     /// Guest data, heap, stack, buffers.
     pub const USER_DATA: PageFlags = PageFlags::USER_READ_ONLY.union(PageFlags::WRITABLE);
     /// Ring-0 code (exception stubs).
@@ -82,11 +84,19 @@ pub fn write_page_tables(memory: &mut [u8], memory_size: u64, mappings: &[PageMa
 
     write_entry(pml4, 0, pdpt | TABLE_FLAGS.bits());
     for directory in 0..directories {
-        write_entry(pdpt, directory, (first_directory + directory * PAGE_SIZE) | TABLE_FLAGS.bits());
+        write_entry(
+            pdpt,
+            directory,
+            (first_directory + directory * PAGE_SIZE) | TABLE_FLAGS.bits(),
+        );
     }
     for table in 0..tables {
         let directory = first_directory + (table / 512) * PAGE_SIZE;
-        write_entry(directory, table % 512, (first_table + table * PAGE_SIZE) | TABLE_FLAGS.bits());
+        write_entry(
+            directory,
+            table % 512,
+            (first_table + table * PAGE_SIZE) | TABLE_FLAGS.bits(),
+        );
     }
 
     for mapping in mappings {
@@ -130,8 +140,16 @@ mod tests {
         let size = 8u64 << 20;
         let mut memory = vec![0u8; size as usize];
         let mappings = [
-            PageMapping { start: 0x40_0000, end: 0x40_2000, flags: PageFlags::USER_CODE },
-            PageMapping { start: 0x60_0000, end: 0x60_1000, flags: PageFlags::USER_DATA },
+            PageMapping {
+                start: 0x40_0000,
+                end: 0x40_2000,
+                flags: PageFlags::USER_CODE,
+            },
+            PageMapping {
+                start: 0x60_0000,
+                end: 0x60_1000,
+                flags: PageFlags::USER_DATA,
+            },
         ];
         let cr3 = write_page_tables(&mut memory, size, &mappings);
 

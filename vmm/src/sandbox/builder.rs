@@ -173,13 +173,16 @@ impl SandboxBuilder {
         self.config.validate()?;
         crate::vcpu::check_kvm()?;
         let base = match self.guest {
-            GuestSource::None => {
-                return Err(SandboxError::InvalidConfiguration(
-                    "no guest given; call guest_file(), guest_bytes() or base_image() on the builder".into(),
-                ))
+            GuestSource::None => return Err(SandboxError::InvalidConfiguration(
+                "no guest given; call guest_file(), guest_bytes() or base_image() on the builder"
+                    .into(),
+            )),
+            GuestSource::File(path) => {
+                BaseImage::build(&GuestImage::from_file(&path)?, &self.config)?
             }
-            GuestSource::File(path) => BaseImage::build(&GuestImage::from_file(&path)?, &self.config)?,
-            GuestSource::Bytes(bytes, name) => BaseImage::build(&GuestImage::from_bytes(bytes, &name)?, &self.config)?,
+            GuestSource::Bytes(bytes, name) => {
+                BaseImage::build(&GuestImage::from_bytes(bytes, &name)?, &self.config)?
+            }
             GuestSource::Base(base) => base,
         };
         let mut config = base.config.clone();

@@ -16,7 +16,7 @@ use crate::config::{SandboxConfiguration, Transport};
 use crate::error::{os_error, SandboxError};
 use crate::interrupt::{InterruptHandle, InterruptState};
 use crate::memory::mapping::{Mapping, MemFile};
-use crate::vcpu::{Vm, VcpuState};
+use crate::vcpu::{VcpuState, Vm};
 
 /// Who runs the vCPU: the calling thread, or the polling transport's thread.
 pub(crate) enum VcpuOwner {
@@ -82,7 +82,9 @@ pub struct Snapshot {
 
 impl std::fmt::Debug for Snapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Snapshot").field("base_image", &self.base_id).finish_non_exhaustive()
+        f.debug_struct("Snapshot")
+            .field("base_image", &self.base_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -94,17 +96,20 @@ impl Sandbox {
         config: SandboxConfiguration,
         #[cfg(feature = "crashdump")] dumps: Option<crate::dump::DumpQueue>,
     ) -> Result<Sandbox, SandboxError> {
-        let mapping = Mapping::new(Arc::clone(&base.memory)).map_err(os_error("mapping the base image"))?;
+        let mapping =
+            Mapping::new(Arc::clone(&base.memory)).map_err(os_error("mapping the base image"))?;
         // SAFETY: the mapping lives in the same Sandbox and is dropped after
         // the VM (field order); it may be replaced at the same address only.
         let mut vm = unsafe { Vm::new(mapping.host_address(), base.layout.memory_size) }?;
         vm.set_state(&base.state)?;
         let interrupt = InterruptState::new(vm.immediate_exit_pointer());
-        let input = Slot::input(mapping.host_address(), &base.layout);
-        let output = Slot::output(mapping.host_address(), &base.layout);
+        let input = Slot::input(&mapping, &base.layout);
+        let output = Slot::output(&mapping, &base.layout);
         let vcpu = match config.transport {
             Transport::Exit => VcpuOwner::Local(vm),
-            Transport::Polling { .. } => VcpuOwner::Thread(PollingVcpu::start(vm, input, Arc::clone(&interrupt))?),
+            Transport::Polling { .. } => {
+                VcpuOwner::Thread(PollingVcpu::start(vm, input, Arc::clone(&interrupt))?)
+            }
         };
         let id = NEXT_SANDBOX_ID.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(sandbox = id, guest = %base.guest_name, transport = ?config.transport, "sandbox created");
@@ -144,7 +149,9 @@ impl Sandbox {
         header.host_waiting.store(0, Ordering::SeqCst);
         match (&self.vcpu, self.config.transport) {
             (VcpuOwner::Thread(polling), Transport::Polling { idle_spin }) => {
-                header.poll_idle_ticks.store(idle_ticks(idle_spin), Ordering::SeqCst);
+                header
+                    .poll_idle_ticks
+                    .store(idle_ticks(idle_spin), Ordering::SeqCst);
                 polling.resume();
             }
             _ => header.poll_idle_ticks.store(0, Ordering::SeqCst),
@@ -186,7 +193,9 @@ impl Sandbox {
 
     /// A handle that stops this sandbox's running call from another thread.
     pub fn interrupt_handle(&self) -> InterruptHandle {
-        InterruptHandle { state: Arc::clone(&self.interrupt) }
+        InterruptHandle {
+            state: Arc::clone(&self.interrupt),
+        }
     }
 
     /// True after a crash, until [`Sandbox::restore`].
@@ -218,9 +227,13 @@ impl Sandbox {
         // memory that is being replaced.
         self.with_vm(|_| ());
         if Arc::ptr_eq(self.mapping.backing(), &memory) {
-            self.mapping.reset().map_err(os_error("discarding private guest pages (madvise)"))?;
+            self.mapping
+                .reset()
+                .map_err(os_error("discarding private guest pages (madvise)"))?;
         } else {
-            self.mapping.switch_backing(memory).map_err(os_error("mapping the restore image"))?;
+            self.mapping
+                .switch_backing(memory)
+                .map_err(os_error("mapping the restore image"))?;
         }
         self.with_vm(|vm| vm.set_state(state))?;
         self.poisoned = None;
@@ -234,13 +247,19 @@ impl Sandbox {
     /// that may hold data.
     pub fn snapshot(&mut self) -> Result<Snapshot, SandboxError> {
         if let Some(cause) = &self.poisoned {
-            return Err(SandboxError::Poisoned { cause: cause.clone() });
+            return Err(SandboxError::Poisoned {
+                cause: cause.clone(),
+            });
         }
         let state = self.with_vm(|vm| vm.state());
         let memory = MemFile::from_mapping("sandcore-snapshot", &self.mapping);
         self.start_polling();
         let memory = memory.map_err(os_error("copying guest memory into a snapshot"))?;
-        Ok(Snapshot { base_id: self.base.id, memory: Arc::new(memory), state: state? })
+        Ok(Snapshot {
+            base_id: self.base.id,
+            memory: Arc::new(memory),
+            state: state?,
+        })
     }
 }
 

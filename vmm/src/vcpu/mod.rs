@@ -5,7 +5,10 @@ pub mod shim;
 
 use std::sync::OnceLock;
 
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_xsave, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_xsave, CpuId,
+    KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use sandcore_abi::layout::BOOT_INFO_ADDRESS;
 
@@ -29,7 +32,11 @@ fn context() -> Result<&'static KvmContext, SandboxError> {
             .map_err(|error| format!("KVM_GET_SUPPORTED_CPUID failed: {error}"))?;
         Ok(KvmContext { kvm, cpuid })
     });
-    context.as_ref().map_err(|reason| SandboxError::KvmUnavailable { reason: reason.clone() })
+    context
+        .as_ref()
+        .map_err(|reason| SandboxError::KvmUnavailable {
+            reason: reason.clone(),
+        })
 }
 
 /// Checks that KVM can be used, without creating anything.
@@ -53,7 +60,10 @@ impl Vm {
     /// the VM exists (it may be replaced by another mapping at the same address).
     pub unsafe fn new(host_address: *mut u8, size: u64) -> Result<Vm, SandboxError> {
         let context = context()?;
-        let vm = context.kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
+        let vm = context
+            .kvm
+            .create_vm()
+            .map_err(kvm_error("KVM_CREATE_VM"))?;
         let region = kvm_userspace_memory_region {
             slot: 0,
             flags: 0,
@@ -63,18 +73,27 @@ impl Vm {
         };
         // SAFETY: the caller guarantees the host range stays mapped while
         // the VM lives; KVM reads and writes guest memory only through it.
-        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_error("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_error("KVM_SET_USER_MEMORY_REGION"))?;
         let vcpu = vm.create_vcpu(0).map_err(kvm_error("KVM_CREATE_VCPU"))?;
-        vcpu.set_cpuid2(&context.cpuid).map_err(kvm_error("KVM_SET_CPUID2"))?;
+        vcpu.set_cpuid2(&context.cpuid)
+            .map_err(kvm_error("KVM_SET_CPUID2"))?;
         Ok(Vm { vcpu, vm })
     }
 
     /// Loads a full register state.
     pub fn set_state(&self, state: &VcpuState) -> Result<(), SandboxError> {
-        self.vcpu.set_sregs(&state.sregs).map_err(kvm_error("KVM_SET_SREGS"))?;
-        self.vcpu.set_regs(&state.regs).map_err(kvm_error("KVM_SET_REGS"))?;
+        self.vcpu
+            .set_sregs(&state.sregs)
+            .map_err(kvm_error("KVM_SET_SREGS"))?;
+        self.vcpu
+            .set_regs(&state.regs)
+            .map_err(kvm_error("KVM_SET_REGS"))?;
         if let Some(region) = &state.xsave {
-            let xsave = kvm_xsave { region: **region, ..Default::default() };
+            let xsave = kvm_xsave {
+                region: **region,
+                ..Default::default()
+            };
             // SAFETY: the region came from KVM_GET_XSAVE on a vCPU with the
             // same CPUID, so its size and features match this vCPU.
             unsafe { self.vcpu.set_xsave(&xsave) }.map_err(kvm_error("KVM_SET_XSAVE"))?;
@@ -87,7 +106,12 @@ impl Vm {
         Ok(VcpuState {
             regs: self.vcpu.get_regs().map_err(kvm_error("KVM_GET_REGS"))?,
             sregs: self.vcpu.get_sregs().map_err(kvm_error("KVM_GET_SREGS"))?,
-            xsave: Some(Box::new(self.vcpu.get_xsave().map_err(kvm_error("KVM_GET_XSAVE"))?.region)),
+            xsave: Some(Box::new(
+                self.vcpu
+                    .get_xsave()
+                    .map_err(kvm_error("KVM_GET_XSAVE"))?
+                    .region,
+            )),
         })
     }
 
@@ -97,22 +121,43 @@ impl Vm {
         match self.vcpu.run() {
             Ok(VcpuExit::IoOut(port, _)) => Exit::Io(port),
             Ok(VcpuExit::Shutdown) => Exit::Shutdown,
-            Ok(VcpuExit::Hlt) => Exit::Other { what: "HLT exit", detail: 0 },
+            Ok(VcpuExit::Hlt) => Exit::Other {
+                what: "HLT exit",
+                detail: 0,
+            },
             Ok(VcpuExit::InternalError) => {
                 let run = self.vcpu.get_kvm_run();
                 // SAFETY: KVM filled the `internal` member of the exit union
                 // because the exit reason is KVM_EXIT_INTERNAL_ERROR.
                 let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
-                Exit::Other { what: "KVM_EXIT_INTERNAL_ERROR (1 = emulation failure), suberror", detail: suberror as u64 }
+                Exit::Other {
+                    what: "KVM_EXIT_INTERNAL_ERROR (1 = emulation failure), suberror",
+                    detail: suberror as u64,
+                }
             }
-            Ok(VcpuExit::FailEntry(reason, _)) => {
-                Exit::Other { what: "KVM_EXIT_FAIL_ENTRY, hardware entry failure reason", detail: reason }
+            Ok(VcpuExit::FailEntry(reason, _)) => Exit::Other {
+                what: "KVM_EXIT_FAIL_ENTRY, hardware entry failure reason",
+                detail: reason,
+            },
+            Ok(VcpuExit::IoIn(port, _)) => Exit::Other {
+                what: "port read from port",
+                detail: port as u64,
+            },
+            Ok(VcpuExit::MmioRead(address, _)) => Exit::Other {
+                what: "MMIO read at unbacked address",
+                detail: address,
+            },
+            Ok(VcpuExit::MmioWrite(address, _)) => Exit::Other {
+                what: "MMIO write at unbacked address",
+                detail: address,
+            },
+            Ok(_) => Exit::Other {
+                what: "unhandled KVM exit",
+                detail: 0,
+            },
+            Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => {
+                Exit::Interrupted
             }
-            Ok(VcpuExit::IoIn(port, _)) => Exit::Other { what: "port read from port", detail: port as u64 },
-            Ok(VcpuExit::MmioRead(address, _)) => Exit::Other { what: "MMIO read at unbacked address", detail: address },
-            Ok(VcpuExit::MmioWrite(address, _)) => Exit::Other { what: "MMIO write at unbacked address", detail: address },
-            Ok(_) => Exit::Other { what: "unhandled KVM exit", detail: 0 },
-            Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => Exit::Interrupted,
             Err(error) => Exit::Failed(error),
         }
     }
@@ -193,7 +238,12 @@ const RFLAGS_IOPL3: u64 = 0x3002;
 /// Initial state: 64-bit mode at CPL3 with paging on, the shim's GDT, IDT
 /// and TSS loaded, at `entry` with `stack_pointer`, and the boot information
 /// address in RDI (the first argument of `_start`).
-pub fn initial_state(vm: &Vm, cr3: u64, entry: u64, stack_pointer: u64) -> Result<VcpuState, SandboxError> {
+pub fn initial_state(
+    vm: &Vm,
+    cr3: u64,
+    entry: u64,
+    stack_pointer: u64,
+) -> Result<VcpuState, SandboxError> {
     let mut sregs = vm.vcpu.get_sregs().map_err(kvm_error("KVM_GET_SREGS"))?;
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_AM | CR0_PG;
     sregs.cr3 = cr3;
@@ -232,5 +282,9 @@ pub fn initial_state(vm: &Vm, cr3: u64, entry: u64, stack_pointer: u64) -> Resul
         rflags: RFLAGS_IOPL3,
         ..Default::default()
     };
-    Ok(VcpuState { regs, sregs, xsave: None })
+    Ok(VcpuState {
+        regs,
+        sregs,
+        xsave: None,
+    })
 }

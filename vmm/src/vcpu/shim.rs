@@ -12,7 +12,8 @@
 use sandcore_abi::ports::PORT_EXCEPTION;
 
 use crate::memory::layout::{
-    GDT_ADDRESS, IDT_ADDRESS, IST1_STACK_TOP, RING0_STACK_TOP, STUBS_ADDRESS, STUB_SIZE, TSS_ADDRESS,
+    GDT_ADDRESS, IDT_ADDRESS, IST1_STACK_TOP, RING0_STACK_TOP, STUBS_ADDRESS, STUB_SIZE,
+    TSS_ADDRESS,
 };
 
 /// Kernel code segment selector.
