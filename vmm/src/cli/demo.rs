@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use sandcore::{Sandbox, SandboxBuilder, SandboxError};
+use sandcore::{Sandbox, SandboxBuilder, SandboxError, Transport};
 
 use super::CliError;
 
@@ -39,10 +39,20 @@ struct DemoTransport {
 
 /// Returns the transports the demo compares. The first one also runs the print and crash sections.
 fn transports() -> Vec<DemoTransport> {
-    vec![DemoTransport {
-        name: "default",
-        configure: |builder| builder,
-    }]
+    vec![
+        DemoTransport {
+            name: "exit",
+            configure: |builder| builder.transport(Transport::Exit),
+        },
+        DemoTransport {
+            name: "polling",
+            configure: |builder| {
+                builder.transport(Transport::Polling {
+                    idle_spin: std::time::Duration::from_millis(100),
+                })
+            },
+        },
+    ]
 }
 
 /// One guest call of the latency table.
