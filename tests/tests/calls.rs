@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::{demo_builder, demo_sandbox, expect_error, require_kvm};
+use common::{demo_builder, demo_guest, demo_sandbox, expect_error, require_kvm};
 use sandcore::{SandboxBuilder, SandboxError, Value};
 
 /// 64-bit FNV-1a, computed on the host to check the guest's `fnv1a`.
@@ -300,7 +300,7 @@ fn host_function_sees_arguments() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let recorder = Arc::clone(&seen);
     let mut sandbox = SandboxBuilder::new()
-        .guest_file(sandcore::demo_guest_path())
+        .guest_file(demo_guest())
         .host_function("host_add", move |a: i64, b: i64| {
             recorder.lock().unwrap().push((a, b));
             a * 1000 + b
@@ -325,7 +325,7 @@ fn host_function_sees_arguments() {
 fn host_error_reaches_guest() {
     require_kvm();
     let mut sandbox = SandboxBuilder::new()
-        .guest_file(sandcore::demo_guest_path())
+        .guest_file(demo_guest())
         .host_function("host_add", |_: i64, _: i64| -> Result<i64, String> {
             Err("quota-exceeded-5113".into())
         })
@@ -358,7 +358,7 @@ fn host_error_reaches_guest() {
 fn missing_host_function() {
     require_kvm();
     let mut sandbox = SandboxBuilder::new()
-        .guest_file(sandcore::demo_guest_path())
+        .guest_file(demo_guest())
         .guest_core_dump(false)
         .build()
         .expect("building the sandbox failed");

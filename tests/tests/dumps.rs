@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{expect_error, require_kvm};
+use common::{demo_guest, expect_error, require_kvm};
 use sandcore::dump::{DumpReceipt, DumpWorker};
 use sandcore::{Sandbox, SandboxBuilder, SandboxError};
 use sandcore_sinks::file_sink::{FileSink, FileSinkConfig};
@@ -66,7 +66,7 @@ fn dumping_sandbox(test: &str) -> DumpingSandbox {
     let directory = DumpDirectory::new(test);
     let worker = file_worker(&directory.path);
     let sandbox = SandboxBuilder::new()
-        .guest_file(sandcore::demo_guest_path())
+        .guest_file(demo_guest())
         .host_function("host_add", |a: i64, b: i64| a + b)
         .dump_dir(&directory.path)
         .dump_worker(&worker)
@@ -152,7 +152,7 @@ fn run_gdb(core: &Path, commands: &[String]) -> String {
     for line in commands {
         command.args(["-ex", line]);
     }
-    command.arg(sandcore::demo_guest_path()).arg(core);
+    command.arg(demo_guest()).arg(core);
     let output = command
         .output()
         .unwrap_or_else(|error| panic!("running gdb failed: {error}; install gdb"));
@@ -485,7 +485,7 @@ fn timeout_dump_shows_spin() {
     let directory = DumpDirectory::new("timeout");
     let worker = file_worker(&directory.path);
     let mut sandbox = SandboxBuilder::new()
-        .guest_file(sandcore::demo_guest_path())
+        .guest_file(demo_guest())
         .call_time_limit(Duration::from_millis(100))
         .dump_on_timeout(true)
         .dump_worker(&worker)
@@ -598,7 +598,7 @@ fn memory_sink_second_copy() {
         .build()
         .expect("building the dump worker failed");
     let mut sandbox = SandboxBuilder::new()
-        .guest_file(sandcore::demo_guest_path())
+        .guest_file(demo_guest())
         .dump_worker(&worker)
         .build()
         .expect("building the sandbox failed");
@@ -713,7 +713,7 @@ fn unwritable_directory_fails_receipt() {
         .build()
         .expect("building the dump worker failed");
     let mut sandbox = SandboxBuilder::new()
-        .guest_file(sandcore::demo_guest_path())
+        .guest_file(demo_guest())
         .dump_worker(&worker)
         .build()
         .expect("building the sandbox failed");

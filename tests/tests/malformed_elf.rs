@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{expect_error, require_kvm};
+use common::{demo_guest, expect_error, require_kvm};
 use sandcore::{GuestBinaryError, SandboxBuilder, SandboxError};
 
 const PT_LOAD: u32 = 1;
@@ -447,7 +447,7 @@ fn huge_heap_rejected() {
     require_kvm();
     let heap_size: u64 = 2 << 30;
     let result = SandboxBuilder::new()
-        .guest_file(sandcore::demo_guest_path())
+        .guest_file(demo_guest())
         .heap_size(heap_size)
         .guest_core_dump(false)
         .build();
@@ -476,7 +476,7 @@ fn heap_at_limit_rejected() {
     // Heap alone at the 1536 MiB guest memory limit leaves no room for the rest.
     let heap_size: u64 = 1536 << 20;
     let result = SandboxBuilder::new()
-        .guest_file(sandcore::demo_guest_path())
+        .guest_file(demo_guest())
         .heap_size(heap_size)
         .guest_core_dump(false)
         .build();
@@ -495,7 +495,7 @@ fn heap_at_limit_rejected() {
 fn unaligned_stack_rejected() {
     require_kvm();
     let result = SandboxBuilder::new()
-        .guest_file(sandcore::demo_guest_path())
+        .guest_file(demo_guest())
         .stack_size(100_000)
         .guest_core_dump(false)
         .build();

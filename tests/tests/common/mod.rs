@@ -6,7 +6,9 @@
 
 use std::fmt::Debug;
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 use sandcore::{Sandbox, SandboxBuilder, SandboxError};
 
@@ -22,12 +24,51 @@ pub fn require_kvm() {
     }
 }
 
+/// Returns the path of a private copy of the demo guest that this test
+/// binary embedded at compile time.
+///
+/// Tests load the guest from this copy and give it to `nm` and gdb, because
+/// a concurrent `cargo build` may rewrite the file at
+/// `sandcore::demo_guest_path()` between a crash and the check that reads it.
+/// The copy is named by a hash of its bytes, so each guest version is written once.
+pub fn demo_guest() -> &'static Path {
+    static COPY: OnceLock<PathBuf> = OnceLock::new();
+    COPY.get_or_init(|| {
+        let bytes = sandcore::demo_guest_bytes();
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for &byte in bytes {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        let directory = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let path = directory.join(format!("demo-guest-{hash:016x}.elf"));
+        if std::fs::read(&path).is_ok_and(|existing| existing == bytes) {
+            return path;
+        }
+        // Write under a unique name, then rename, so that test binaries
+        // running at the same time never see a half-written file.
+        let partial = directory.join(format!(
+            "demo-guest-{hash:016x}.{}.partial",
+            std::process::id()
+        ));
+        std::fs::write(&partial, bytes)
+            .unwrap_or_else(|error| panic!("writing {} failed: {error}", partial.display()));
+        std::fs::rename(&partial, &path).unwrap_or_else(|error| {
+            panic!(
+                "renaming {} to {} failed: {error}",
+                partial.display(),
+                path.display()
+            )
+        });
+        path
+    })
+}
+
 /// Starts a builder for the demo guest with `host_add` registered and crash
 /// dumps off, so that the test works with and without the `crashdump` feature.
 pub fn demo_builder() -> SandboxBuilder {
     require_kvm();
     SandboxBuilder::new()
-        .guest_file(sandcore::demo_guest_path())
+        .guest_file(demo_guest())
         .host_function("host_add", |a: i64, b: i64| a.wrapping_add(b))
         .guest_core_dump(false)
 }
@@ -50,9 +91,9 @@ pub fn expect_error<T: Debug>(result: Result<T, SandboxError>, what: &str) -> Sa
 /// Returns the address range of the function `name` (demangled, for example
 /// `demo::null_level_3`) in the demo guest, read with `nm -C -S`.
 pub fn symbol_range(name: &str) -> Range<u64> {
-    let path = sandcore::demo_guest_path();
+    let path = demo_guest().display().to_string();
     let output = Command::new("nm")
-        .args(["-C", "-S", path])
+        .args(["-C", "-S", &path])
         .output()
         .unwrap_or_else(|error| panic!("running nm on {path} failed: {error}; install binutils"));
     assert!(
