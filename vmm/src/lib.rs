@@ -52,3 +52,9 @@ pub fn demo_guest_path() -> &'static str {
 pub fn demo_guest_bytes() -> &'static [u8] {
     include_bytes!(env!("SANDCORE_DEMO_GUEST"))
 }
+
+/// The README's embedding example, compiled and run as a doc test so the
+/// README cannot drift from the API.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
