@@ -651,3 +651,67 @@ fn many_calls_one_sandbox() {
         assert_eq!(count, round + 1, "increment call {round} returned {count}");
     }
 }
+
+#[test]
+fn reply_too_large() {
+    let mut sandbox = demo_builder()
+        .input_buffer_size(512 << 10)
+        .build()
+        .expect("building the sandbox failed");
+    let bytes = patterned_bytes(200 << 10);
+
+    let error = expect_error(
+        sandbox.call::<Vec<u8>>("echo_bytes", (bytes,)),
+        "echo_bytes with a reply larger than the output buffer",
+    );
+    let SandboxError::ReplyTooLarge { function, .. } = &error else {
+        panic!("expected ReplyTooLarge, got {error:?}");
+    };
+    assert_eq!(function, "echo_bytes", "ReplyTooLarge names {function:?}");
+
+    let echoed: Vec<u8> = sandbox
+        .call("echo_bytes", (vec![1u8, 2, 3],))
+        .expect("a small call after ReplyTooLarge failed");
+    assert_eq!(
+        echoed,
+        [1, 2, 3],
+        "echo_bytes after ReplyTooLarge returned {echoed:?}"
+    );
+}
+
+#[test]
+fn host_panic_reaches_guest() {
+    require_kvm();
+    let mut sandbox = SandboxBuilder::new()
+        .guest_file(demo_guest())
+        .host_function("host_add", |_: i64, _: i64| -> i64 {
+            panic!("host function bug")
+        })
+        .guest_core_dump(false)
+        .build()
+        .expect("building the sandbox failed");
+
+    let error = expect_error(
+        sandbox.call::<i64>("call_host_add", (1i64, 2i64)),
+        "call_host_add with a panicking host function",
+    );
+    let SandboxError::GuestPanic { message, .. } = &error else {
+        panic!("expected GuestPanic, got {error:?}");
+    };
+    assert!(
+        message.contains("panicked"),
+        "guest panic message does not report the host panic: {message}"
+    );
+    assert!(
+        message.contains("host_add"),
+        "guest panic message does not name host_add: {message}"
+    );
+}
+
+#[test]
+fn kill_after_drop_is_false() {
+    let sandbox = demo_sandbox();
+    let handle = sandbox.interrupt_handle();
+    drop(sandbox);
+    assert!(!handle.kill(), "kill() on a dropped sandbox returned true");
+}

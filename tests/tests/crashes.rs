@@ -592,3 +592,37 @@ fn time_limit_spares_short_calls() {
         .expect("call after the earlier deadlines passed failed");
     assert_eq!(sum, 500_500, "sum_to(1000) returned {sum}");
 }
+
+#[test]
+fn snapshot_moves_between_sandboxes() {
+    let mut first = demo_sandbox();
+    for _ in 0..3 {
+        first
+            .call::<u64>("increment", ())
+            .expect("increment failed");
+    }
+    let snapshot = first.snapshot().expect("snapshot failed");
+    let mut second = demo_builder()
+        .base_image(first.base_image())
+        .build()
+        .expect("building a sandbox from the base image failed");
+
+    second
+        .restore_to(&snapshot)
+        .expect("restore_to on a sibling sandbox failed");
+    let count: u64 = second
+        .call("increment", ())
+        .expect("increment after restore_to failed");
+    assert_eq!(
+        count, 4,
+        "sibling sandbox counter is {count} after restore_to, expected the snapshot's 3 plus one"
+    );
+
+    let original: u64 = first
+        .call("increment", ())
+        .expect("increment on the first sandbox failed");
+    assert_eq!(
+        original, 4,
+        "first sandbox counter is {original}; the sibling's call changed it"
+    );
+}

@@ -791,3 +791,63 @@ fn unwritable_directory_fails_receipt() {
         stats.written
     );
 }
+
+#[test]
+fn restore_after_dumped_crash() {
+    let mut fixture = dumping_sandbox("restore");
+    let first: u64 = fixture
+        .sandbox
+        .call("increment", ())
+        .expect("increment failed");
+    assert_eq!(first, 1, "first increment returned {first}");
+
+    for round in 0..3 {
+        let error = expect_error(fixture.sandbox.call::<()>("crash_null", ()), "crash_null");
+        let dump_id = error
+            .dump_id()
+            .unwrap_or_else(|| panic!("round {round}: no dump id: {error:?}"));
+        fixture
+            .sandbox
+            .restore()
+            .unwrap_or_else(|error| panic!("round {round}: restore failed: {error}"));
+
+        let count: u64 = fixture
+            .sandbox
+            .call("increment", ())
+            .unwrap_or_else(|error| {
+                panic!("round {round}: increment after restore failed: {error}")
+            });
+        assert_eq!(
+            count, 1,
+            "round {round}: increment after restore returned {count}"
+        );
+
+        let receipt = fixture
+            .worker
+            .wait_for(dump_id, DUMP_TIMEOUT)
+            .unwrap_or_else(|| panic!("round {round}: dump {dump_id} was not written in time"));
+        assert!(
+            receipt.succeeded(),
+            "round {round}: dump failed: {receipt:?}"
+        );
+    }
+
+    let snapshot = fixture
+        .sandbox
+        .snapshot()
+        .expect("snapshot after dumped crashes failed");
+    let second: u64 = fixture
+        .sandbox
+        .call("increment", ())
+        .expect("increment failed");
+    assert_eq!(second, 2, "increment after the snapshot returned {second}");
+    fixture
+        .sandbox
+        .restore_to(&snapshot)
+        .expect("restore_to failed");
+    let resumed: u64 = fixture
+        .sandbox
+        .call("increment", ())
+        .expect("increment after restore_to failed");
+    assert_eq!(resumed, 2, "increment after restore_to returned {resumed}");
+}
