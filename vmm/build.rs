@@ -49,9 +49,16 @@ fn main() {
         guest_dir.display()
     );
 
-    let demo = target_dir.join("x86_64-unknown-linux-gnu/release/demo");
-    assert!(demo.is_file(), "guest build produced no {}", demo.display());
-    println!("cargo:rustc-env=SANDCORE_DEMO_GUEST={}", demo.display());
+    for (guest, variable) in [
+        ("demo", "SANDCORE_DEMO_GUEST"),
+        ("hostile", "SANDCORE_HOSTILE_GUEST"),
+    ] {
+        let path = target_dir
+            .join("x86_64-unknown-linux-gnu/release")
+            .join(guest);
+        assert!(path.is_file(), "guest build produced no {}", path.display());
+        println!("cargo:rustc-env={variable}={}", path.display());
+    }
 
     rerun_if_changed(&guest_dir);
 }

@@ -48,7 +48,14 @@ pub fn demo_guest_path() -> &'static str {
     env!("SANDCORE_DEMO_GUEST")
 }
 
-/// The demo guest binary, embedded at build time.
+/// Path of the hostile test guest, which breaks the call protocol on purpose.
+/// For Sandcore's own tests; not part of the stable API.
+#[doc(hidden)]
+pub fn hostile_guest_path() -> &'static str {
+    env!("SANDCORE_HOSTILE_GUEST")
+}
+
+/// Returns the demo guest binary, embedded at build time.
 pub fn demo_guest_bytes() -> &'static [u8] {
     include_bytes!(env!("SANDCORE_DEMO_GUEST"))
 }

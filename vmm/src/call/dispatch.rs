@@ -231,16 +231,21 @@ impl Sandbox {
         Ok(())
     }
 
-    fn read_reply<R: FromValue>(&self, function: &str) -> Result<R, SandboxError> {
-        // SAFETY: the guest is parked, so the output payload is stable.
-        let bytes = unsafe { self.output.received() }.map_err(|claimed| {
-            SandboxError::ProtocolViolation {
-                reason: format!(
-                    "reply length {claimed} exceeds the output buffer's {} bytes",
-                    self.output.capacity()
-                ),
-            }
-        })?;
+    fn read_reply<R: FromValue>(&mut self, function: &str) -> Result<R, SandboxError> {
+        let output = self.output;
+        let too_long = |claimed: usize| SandboxError::ProtocolViolation {
+            reason: format!(
+                "reply length {claimed} exceeds the output buffer's {} bytes",
+                output.capacity()
+            ),
+        };
+        let bytes = if matches!(self.vcpu, VcpuOwner::Thread(_)) {
+            output.copy_received(&mut self.received).map_err(too_long)?;
+            self.received.as_slice()
+        } else {
+            // SAFETY: the guest is parked, so the output payload is stable.
+            unsafe { output.received() }.map_err(too_long)?
+        };
         let reply =
             Reader::new(bytes)
                 .reply()
@@ -286,14 +291,28 @@ impl Sandbox {
                 reason: format!("guest made a host call with output slot state {state}, expected {OUTPUT_HOST_CALL}"),
             });
         }
-        // SAFETY: the vCPU is stopped; the guest waits for the reply.
-        let request =
-            unsafe { output.received() }.map_err(|claimed| SandboxError::ProtocolViolation {
+        // Copied, because on the polling transport the guest runs while the
+        // host decodes; the vector's capacity is reused across calls.
+        let mut request = std::mem::take(&mut self.received);
+        let copied = output.copy_received(&mut request);
+        let outcome = match copied {
+            Ok(()) => self.answer_host_call(&request),
+            Err(claimed) => Err(SandboxError::ProtocolViolation {
                 reason: format!(
                     "host call length {claimed} exceeds the output buffer's {} bytes",
                     output.capacity()
                 ),
-            })?;
+            }),
+        };
+        self.received = request;
+        outcome
+    }
+
+    /// Decodes a host-function request, runs the function and writes its
+    /// reply into the output slot.
+    fn answer_host_call(&self, request: &[u8]) -> Result<(), SandboxError> {
+        let output = self.output;
+        let header = output.header();
         let (name, result) = {
             let mut reader = Reader::new(request);
             let decoded = reader.call_header().and_then(|(name, count)| {
@@ -374,8 +393,9 @@ impl Sandbox {
     pub(crate) fn crash(&mut self, exit: Exit, stop: Option<StopReason>) -> SandboxError {
         let mapping = &self.mapping;
         let layout = &self.base.layout;
-        let mut raw =
-            self.with_vm(|vm| RawCrash::from_exit(exit, vm, mapping.as_slice(), layout, stop));
+        let mut raw = self
+            .vcpu
+            .with_vm(|vm| RawCrash::from_exit(exit, vm, mapping.as_slice(), layout, stop));
         raw.time_limit = self.config.call_time_limit;
         #[cfg(feature = "crashdump")]
         let dump = self.capture_dump(&raw);

@@ -84,4 +84,27 @@ impl Slot {
         // SAFETY: claimed <= capacity, inside the buffer.
         Ok(unsafe { std::slice::from_raw_parts(self.base.add(PAYLOAD_OFFSET), claimed) })
     }
+
+    /// Copies the payload bytes the header claims into `into` (reusing its
+    /// capacity), reading the length once and guest memory with volatile
+    /// loads. The polling transport decodes the copy, because the guest runs
+    /// while the host reads and could change the bytes under the decoder.
+    /// Returns `Err(claimed)` if the claimed length exceeds the buffer.
+    pub fn copy_received(&self, into: &mut Vec<u8>) -> Result<(), usize> {
+        let claimed = self.header().length.load(Ordering::Relaxed) as usize;
+        if claimed > self.capacity() {
+            return Err(claimed);
+        }
+        into.clear();
+        into.reserve(claimed);
+        // SAFETY: claimed <= capacity, so every read stays inside the
+        // payload; volatile reads make no assumption about concurrent writes.
+        unsafe {
+            let source = self.base.add(PAYLOAD_OFFSET);
+            for index in 0..claimed {
+                into.push(source.add(index).read_volatile());
+            }
+        }
+        Ok(())
+    }
 }

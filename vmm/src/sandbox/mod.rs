@@ -24,6 +24,17 @@ pub(crate) enum VcpuOwner {
     Thread(PollingVcpu),
 }
 
+impl VcpuOwner {
+    /// Runs `operation` on the vCPU while the guest is stopped; see
+    /// [`Sandbox::with_vm`].
+    pub(crate) fn with_vm<R>(&mut self, operation: impl FnOnce(&mut Vm) -> R) -> R {
+        match self {
+            VcpuOwner::Local(vm) => operation(vm),
+            VcpuOwner::Thread(polling) => operation(&mut polling.pause()),
+        }
+    }
+}
+
 /// How the last call went.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CallReport {
@@ -64,6 +75,8 @@ pub struct Sandbox {
     pub(crate) id: u64,
     pub(crate) function: heapless::String<64>,
     pub(crate) last_call: CallReport,
+    /// Host copy of a reply or host-function request, reused across calls.
+    pub(crate) received: Vec<u8>,
     #[cfg(feature = "crashdump")]
     pub(crate) dumps: Option<crate::dump::DumpQueue>,
     /// Crash record for the next capture, allocated outside the crash path.
@@ -129,6 +142,7 @@ impl Sandbox {
             id,
             function: heapless::String::new(),
             last_call: CallReport::default(),
+            received: Vec::with_capacity(output.capacity()),
             #[cfg(feature = "crashdump")]
             dumps,
             #[cfg(feature = "crashdump")]
@@ -160,11 +174,8 @@ impl Sandbox {
 
     /// Runs `operation` on the vCPU while the guest is stopped. The polling
     /// transport's thread is paused until [`Sandbox::start_polling`].
-    pub(crate) fn with_vm<R>(&self, operation: impl FnOnce(&Vm) -> R) -> R {
-        match &self.vcpu {
-            VcpuOwner::Local(vm) => operation(vm),
-            VcpuOwner::Thread(polling) => operation(&polling.pause()),
-        }
+    pub(crate) fn with_vm<R>(&mut self, operation: impl FnOnce(&mut Vm) -> R) -> R {
+        self.vcpu.with_vm(operation)
     }
 
     /// How the last call went: hot or woke the guest, host calls served.
@@ -235,7 +246,10 @@ impl Sandbox {
                 .switch_backing(memory)
                 .map_err(os_error("mapping the restore image"))?;
         }
-        self.with_vm(|vm| vm.set_state(state))?;
+        self.with_vm(|vm| {
+            vm.complete_pending_io()?;
+            vm.set_state(state)
+        })?;
         self.poisoned = None;
         #[cfg(feature = "crashdump")]
         self.reserve_crash_info();

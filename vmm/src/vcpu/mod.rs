@@ -101,6 +101,25 @@ impl Vm {
         Ok(())
     }
 
+    /// Finishes the I/O instruction of the last exit without running any
+    /// guest instruction. KVM completes a port access only on the next
+    /// `KVM_RUN` (for `in` it then writes RAX), so a register reset before
+    /// that would be partly overwritten.
+    pub fn complete_pending_io(&mut self) -> Result<(), SandboxError> {
+        self.vcpu.set_kvm_immediate_exit(1);
+        let result = self.vcpu.run().map(|_| ());
+        self.vcpu.set_kvm_immediate_exit(0);
+        match result {
+            Err(error) if error.errno() != libc::EINTR && error.errno() != libc::EAGAIN => {
+                Err(SandboxError::Kvm {
+                    operation: "KVM_RUN (completing pending I/O)",
+                    source: error,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Reads the full register state.
     pub fn state(&self) -> Result<VcpuState, SandboxError> {
         Ok(VcpuState {
