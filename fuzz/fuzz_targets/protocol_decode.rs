@@ -70,7 +70,8 @@ fn main() {
         return;
     }
     for path in &paths {
-        let input = std::fs::read(path).unwrap_or_else(|error| panic!("failed to read {path}: {error}"));
+        let input =
+            std::fs::read(path).unwrap_or_else(|error| panic!("failed to read {path}: {error}"));
         check(&input);
     }
     println!("checked {} inputs", paths.len());
