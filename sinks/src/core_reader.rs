@@ -147,17 +147,17 @@ fn slice<'a>(
 }
 
 fn read_u16(bytes: &[u8], offset: u64, what: &'static str) -> Result<u16, CoreReadError> {
-    let field = slice(bytes, offset, offset + 2, what)?;
+    let field = slice(bytes, offset, offset.saturating_add(2), what)?;
     Ok(u16::from_le_bytes([field[0], field[1]]))
 }
 
 fn read_u32(bytes: &[u8], offset: u64, what: &'static str) -> Result<u32, CoreReadError> {
-    let field = slice(bytes, offset, offset + 4, what)?;
+    let field = slice(bytes, offset, offset.saturating_add(4), what)?;
     Ok(u32::from_le_bytes([field[0], field[1], field[2], field[3]]))
 }
 
 fn read_u64(bytes: &[u8], offset: u64, what: &'static str) -> Result<u64, CoreReadError> {
-    let field = slice(bytes, offset, offset + 8, what)?;
+    let field = slice(bytes, offset, offset.saturating_add(8), what)?;
     let mut word = [0u8; 8];
     word.copy_from_slice(field);
     Ok(u64::from_le_bytes(word))
@@ -175,7 +175,11 @@ fn program_header_count(core: &[u8]) -> Result<u64, CoreReadError> {
             field: "e_shoff (PN_XNUM without a section header)",
         });
     }
-    Ok(u64::from(read_u32(core, e_shoff + 44, "section header 0")?))
+    Ok(u64::from(read_u32(
+        core,
+        e_shoff.saturating_add(44),
+        "section header 0",
+    )?))
 }
 
 /// Returns an iterator over the notes of the first `PT_NOTE` segment of `core`.
@@ -205,12 +209,14 @@ pub fn notes(core: &[u8]) -> Result<NoteIter<'_>, CoreReadError> {
     let e_phoff = read_u64(core, 32, "ELF header")?;
     let count = program_header_count(core)?;
     for index in 0..count {
-        let phdr = e_phoff + index * PHDR_SIZE;
+        // Saturating: a hostile e_phoff near 2^64 must fail the bounds check,
+        // not wrap around to a valid offset.
+        let phdr = e_phoff.saturating_add(index.saturating_mul(PHDR_SIZE));
         if read_u32(core, phdr, "program header")? != PT_NOTE {
             continue;
         }
-        let offset = read_u64(core, phdr + 8, "program header")?;
-        let size = read_u64(core, phdr + 32, "program header")?;
+        let offset = read_u64(core, phdr.saturating_add(8), "program header")?;
+        let size = read_u64(core, phdr.saturating_add(32), "program header")?;
         let segment = slice(core, offset, offset.saturating_add(size), "PT_NOTE segment")?;
         return Ok(NoteIter { remaining: segment });
     }
@@ -405,4 +411,37 @@ fn crash_kind(code: u32, vector: u32, error_code: u64, fault_address: u64) -> Op
         9 => CrashKind::OnDemand,
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod overflow_tests {
+    use super::*;
+
+    /// An ELF64 core header with every field valid except the one a test sets.
+    fn header() -> [u8; 64] {
+        let mut bytes = [0u8; 64];
+        bytes[..4].copy_from_slice(b"\x7fELF");
+        bytes[4] = 2;
+        bytes[5] = 1;
+        bytes[16..18].copy_from_slice(&ET_CORE.to_le_bytes());
+        bytes[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
+        bytes[54..56].copy_from_slice(&(PHDR_SIZE as u16).to_le_bytes());
+        bytes
+    }
+
+    #[test]
+    fn program_header_offset_near_end_of_range() {
+        let mut core = header();
+        core[32..40].copy_from_slice(&(u64::MAX - 1).to_le_bytes());
+        core[56..58].copy_from_slice(&1u16.to_le_bytes());
+        assert!(matches!(notes(&core), Err(CoreReadError::Truncated { .. })));
+    }
+
+    #[test]
+    fn section_header_offset_near_end_of_range() {
+        let mut core = header();
+        core[40..48].copy_from_slice(&(u64::MAX - 8).to_le_bytes());
+        core[56..58].copy_from_slice(&PN_XNUM.to_le_bytes());
+        assert!(matches!(notes(&core), Err(CoreReadError::Truncated { .. })));
+    }
 }
