@@ -48,22 +48,27 @@ pub(crate) fn notify_waiting_host(input: &Buffer) {
     }
 }
 
-/// Waits until the input slot holds a call. With a zero idle time (the exit
-/// transport) the guest parks at once; otherwise it spins on the state word
-/// for up to the idle time and parks after that.
+/// Waits until the input slot has a call. With a zero idle time (the exit
+/// transport) the guest parks at once and reads no clock; otherwise it spins
+/// on the state word for up to the idle time and parks after that.
 fn wait_for_call(input: &Buffer) {
     let header = input.header();
-    let mut idle_since = read_tsc();
     loop {
         if header.state.load(Ordering::Acquire) == INPUT_CALL {
             return;
         }
         let idle_ticks = header.poll_idle_ticks.load(Ordering::Relaxed);
-        if idle_ticks == 0 || read_tsc().wrapping_sub(idle_since) > idle_ticks {
+        if idle_ticks == 0 {
             exit_to_host(PORT_PARK);
-            idle_since = read_tsc();
-        } else {
+            continue;
+        }
+        let idle_since = read_tsc();
+        while read_tsc().wrapping_sub(idle_since) <= idle_ticks {
+            if header.state.load(Ordering::Acquire) == INPUT_CALL {
+                return;
+            }
             core::hint::spin_loop();
         }
+        exit_to_host(PORT_PARK);
     }
 }

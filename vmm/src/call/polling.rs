@@ -250,9 +250,15 @@ fn vcpu_thread(shared: &PollShared) {
 /// pause or stop command (`None`).
 fn run_until_unhandled(shared: &PollShared, vm: &mut Vm) -> Option<Exit> {
     loop {
+        // Clearing immediate_exit first and checking the flags after it
+        // means a stop or pause requested at any point is seen here or
+        // makes the next KVM_RUN return at once.
         vm.vcpu.set_kvm_immediate_exit(0);
         if shared.command.load(Ordering::SeqCst) != RUN {
             return None;
+        }
+        if shared.interrupt.stop_reason().is_some() {
+            return Some(Exit::Interrupted);
         }
         match vm.run() {
             Exit::Io(PORT_PARK) => park(shared),
