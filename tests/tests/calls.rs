@@ -1,12 +1,13 @@
 //! Guest calls through real KVM: every parameter and return type, host
 //! functions, guest prints, call errors and sandboxes from one base image.
+//! Every test runs on both transports, as `exit::<test>` and `polling::<test>`.
 
 mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::{demo_builder, demo_guest, demo_sandbox, expect_error, require_kvm};
-use sandcore::{SandboxBuilder, SandboxError, Value};
+use common::{assert_transport, demo_builder, demo_guest, demo_sandbox, expect_error, require_kvm};
+use sandcore::{SandboxBuilder, SandboxError, Transport, Value};
 
 /// 64-bit FNV-1a, computed on the host to check the guest's `fnv1a`.
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -25,45 +26,40 @@ fn patterned_bytes(length: usize) -> Vec<u8> {
         .collect()
 }
 
-#[test]
-fn i32_round_trips() {
-    let mut sandbox = demo_sandbox();
+fn i32_round_trips(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     for value in [0, 1, -1, 42, i32::MIN, i32::MAX] {
         let echoed: i32 = sandbox.call("echo_i32", (value,)).expect("echo_i32 failed");
         assert_eq!(echoed, value, "echo_i32({value}) returned {echoed}");
     }
 }
 
-#[test]
-fn u32_round_trips() {
-    let mut sandbox = demo_sandbox();
+fn u32_round_trips(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     for value in [0, 1, 0x8000_0000, u32::MAX - 1, u32::MAX] {
         let echoed: u32 = sandbox.call("echo_u32", (value,)).expect("echo_u32 failed");
         assert_eq!(echoed, value, "echo_u32({value}) returned {echoed}");
     }
 }
 
-#[test]
-fn i64_round_trips() {
-    let mut sandbox = demo_sandbox();
+fn i64_round_trips(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     for value in [0, -1, i64::from(i32::MIN) - 1, i64::MIN, i64::MAX] {
         let echoed: i64 = sandbox.call("echo_i64", (value,)).expect("echo_i64 failed");
         assert_eq!(echoed, value, "echo_i64({value}) returned {echoed}");
     }
 }
 
-#[test]
-fn u64_round_trips() {
-    let mut sandbox = demo_sandbox();
+fn u64_round_trips(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     for value in [0, 1, u64::from(u32::MAX) + 1, 1 << 63, u64::MAX] {
         let echoed: u64 = sandbox.call("echo_u64", (value,)).expect("echo_u64 failed");
         assert_eq!(echoed, value, "echo_u64({value}) returned {echoed}");
     }
 }
 
-#[test]
-fn f32_bits_round_trip() {
-    let mut sandbox = demo_sandbox();
+fn f32_bits_round_trip(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     let values = [
         0.0f32,
         -0.0,
@@ -90,9 +86,8 @@ fn f32_bits_round_trip() {
     }
 }
 
-#[test]
-fn f64_bits_round_trip() {
-    let mut sandbox = demo_sandbox();
+fn f64_bits_round_trip(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     let values = [
         0.0f64,
         -0.0,
@@ -119,9 +114,8 @@ fn f64_bits_round_trip() {
     }
 }
 
-#[test]
-fn scale_multiplies_in_guest() {
-    let mut sandbox = demo_sandbox();
+fn scale_multiplies_in_guest(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
 
     let product: f64 = sandbox
         .call("scale", (1.5f64, -4.0f64))
@@ -138,9 +132,8 @@ fn scale_multiplies_in_guest() {
     );
 }
 
-#[test]
-fn bool_round_trips() {
-    let mut sandbox = demo_sandbox();
+fn bool_round_trips(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     for value in [true, false] {
         let echoed: bool = sandbox
             .call("echo_bool", (value,))
@@ -149,9 +142,8 @@ fn bool_round_trips() {
     }
 }
 
-#[test]
-fn string_round_trips() {
-    let mut sandbox = demo_sandbox();
+fn string_round_trips(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     let texts = [
         "hello",
         "",
@@ -171,9 +163,8 @@ fn string_round_trips() {
     }
 }
 
-#[test]
-fn bytes_round_trip() {
-    let mut sandbox = demo_sandbox();
+fn bytes_round_trip(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     for length in [0usize, 1, 4095, 4096, 64 << 10] {
         let bytes = patterned_bytes(length);
         let echoed: Vec<u8> = sandbox
@@ -192,9 +183,8 @@ fn bytes_round_trip() {
     }
 }
 
-#[test]
-fn void_return() {
-    let mut sandbox = demo_sandbox();
+fn void_return(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
 
     let result: () = sandbox.call("noop", ()).expect("noop failed");
     assert_eq!(result, (), "noop returned a value");
@@ -207,9 +197,8 @@ fn void_return() {
     );
 }
 
-#[test]
-fn add_wraps_like_guest() {
-    let mut sandbox = demo_sandbox();
+fn add_wraps_like_guest(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
 
     let sum: i32 = sandbox.call("add", (2i32, 3i32)).expect("add failed");
     assert_eq!(sum, 5, "add(2, 3) returned {sum}");
@@ -222,9 +211,8 @@ fn add_wraps_like_guest() {
     );
 }
 
-#[test]
-fn values_from_vec() {
-    let mut sandbox = demo_sandbox();
+fn values_from_vec(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     let arguments = vec![Value::I32(-7), Value::I32(10)];
     let sum: Value = sandbox
         .call("add", arguments)
@@ -232,9 +220,8 @@ fn values_from_vec() {
     assert_eq!(sum, Value::I32(3), "add(-7, 10) returned {sum:?}");
 }
 
-#[test]
-fn fnv1a_matches_host() {
-    let mut sandbox = demo_sandbox();
+fn fnv1a_matches_host(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     let inputs: Vec<Vec<u8>> = vec![
         Vec::new(),
         b"a".to_vec(),
@@ -264,9 +251,8 @@ fn fnv1a_matches_host() {
     );
 }
 
-#[test]
-fn sum_to_matches_formula() {
-    let mut sandbox = demo_sandbox();
+fn sum_to_matches_formula(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     let n: u64 = 100_000;
     let sum: u64 = sandbox.call("sum_to", (n,)).expect("sum_to failed");
     assert_eq!(sum, n * (n + 1) / 2, "sum_to({n}) returned {sum}");
@@ -275,9 +261,8 @@ fn sum_to_matches_formula() {
     assert_eq!(zero, 0, "sum_to(0) returned {zero}");
 }
 
-#[test]
-fn host_function_call() {
-    let mut sandbox = demo_sandbox();
+fn host_function_call(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
 
     let sum: i64 = sandbox
         .call("call_host_add", (40i64, 2i64))
@@ -294,8 +279,7 @@ fn host_function_call() {
     );
 }
 
-#[test]
-fn host_function_sees_arguments() {
+fn host_function_sees_arguments(transport: Transport) {
     require_kvm();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let recorder = Arc::clone(&seen);
@@ -306,8 +290,10 @@ fn host_function_sees_arguments() {
             a * 1000 + b
         })
         .guest_core_dump(false)
+        .transport(transport)
         .build()
         .expect("building the sandbox failed");
+    assert_transport(&sandbox, transport);
 
     let result: i64 = sandbox
         .call("call_host_add", (7i64, 9i64))
@@ -321,8 +307,7 @@ fn host_function_sees_arguments() {
     assert_eq!(calls, vec![(7, 9)], "host function saw the calls {calls:?}");
 }
 
-#[test]
-fn host_error_reaches_guest() {
+fn host_error_reaches_guest(transport: Transport) {
     require_kvm();
     let mut sandbox = SandboxBuilder::new()
         .guest_file(demo_guest())
@@ -330,8 +315,10 @@ fn host_error_reaches_guest() {
             Err("quota-exceeded-5113".into())
         })
         .guest_core_dump(false)
+        .transport(transport)
         .build()
         .expect("building the sandbox failed");
+    assert_transport(&sandbox, transport);
 
     let error = expect_error(
         sandbox.call::<i64>("call_host_add", (1i64, 2i64)),
@@ -354,14 +341,15 @@ fn host_error_reaches_guest() {
     );
 }
 
-#[test]
-fn missing_host_function() {
+fn missing_host_function(transport: Transport) {
     require_kvm();
     let mut sandbox = SandboxBuilder::new()
         .guest_file(demo_guest())
         .guest_core_dump(false)
+        .transport(transport)
         .build()
         .expect("building the sandbox failed");
+    assert_transport(&sandbox, transport);
 
     let error = expect_error(
         sandbox.call::<i64>("call_host_add", (1i64, 2i64)),
@@ -376,9 +364,8 @@ fn missing_host_function() {
     );
 }
 
-#[test]
-fn unknown_function() {
-    let mut sandbox = demo_sandbox();
+fn unknown_function(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
 
     let error = expect_error(
         sandbox.call::<()>("no_such_function", ()),
@@ -399,9 +386,8 @@ fn unknown_function() {
     assert_eq!(sum, 2, "add(1, 1) after UnknownFunction returned {sum}");
 }
 
-#[test]
-fn wrong_argument_count() {
-    let mut sandbox = demo_sandbox();
+fn wrong_argument_count(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
 
     let error = expect_error(sandbox.call::<i32>("add", (1i32,)), "add with one argument");
     let SandboxError::ArgumentMismatch { function, message } = &error else {
@@ -427,9 +413,8 @@ fn wrong_argument_count() {
     );
 }
 
-#[test]
-fn wrong_argument_type() {
-    let mut sandbox = demo_sandbox();
+fn wrong_argument_type(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
 
     let error = expect_error(
         sandbox.call::<i32>("echo_i32", ("seven",)),
@@ -466,9 +451,8 @@ fn wrong_argument_type() {
     );
 }
 
-#[test]
-fn wrong_return_type() {
-    let mut sandbox = demo_sandbox();
+fn wrong_return_type(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
 
     let error = expect_error(
         sandbox.call::<String>("echo_i32", (5i32,)),
@@ -506,9 +490,8 @@ fn wrong_return_type() {
     );
 }
 
-#[test]
-fn request_too_large() {
-    let mut sandbox = demo_sandbox();
+fn request_too_large(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     let bytes = vec![0xabu8; 200 << 10];
 
     let error = expect_error(
@@ -555,14 +538,14 @@ fn request_too_large() {
     );
 }
 
-#[test]
-fn print_reaches_handler() {
+fn print_reaches_handler(transport: Transport) {
     let printed = Arc::new(Mutex::new(Vec::<String>::new()));
     let sink = Arc::clone(&printed);
-    let mut sandbox = demo_builder()
+    let mut sandbox = demo_builder(transport)
         .print_handler(move |message| sink.lock().unwrap().push(message.to_owned()))
         .build()
         .expect("building the sandbox failed");
+    assert_transport(&sandbox, transport);
 
     let result: () = sandbox
         .call("print_message", ("hello from the guest ✓",))
@@ -582,9 +565,8 @@ fn print_reaches_handler() {
     assert_eq!(messages[1], "", "second print was {:?}", messages[1]);
 }
 
-#[test]
-fn base_image_sandboxes_independent() {
-    let mut first = demo_sandbox();
+fn base_image_sandboxes_independent(transport: Transport) {
+    let mut first = demo_sandbox(transport);
     let base = first.base_image();
 
     let mut others: Vec<_> = (0..4)
@@ -593,12 +575,16 @@ fn base_image_sandboxes_independent() {
                 .base_image(Arc::clone(&base))
                 .host_function("host_add", |a: i64, b: i64| a + b)
                 .guest_core_dump(false)
+                .transport(transport)
                 .build()
                 .unwrap_or_else(|error| {
                     panic!("building sandbox {index} from the base image failed: {error}")
                 })
         })
         .collect();
+    for sandbox in &others {
+        assert_transport(sandbox, transport);
+    }
 
     for (index, sandbox) in others.iter_mut().enumerate() {
         for _ in 0..=index {
@@ -643,21 +629,20 @@ fn base_image_sandboxes_independent() {
     );
 }
 
-#[test]
-fn many_calls_one_sandbox() {
-    let mut sandbox = demo_sandbox();
+fn many_calls_one_sandbox(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     for round in 0..1000u64 {
         let count: u64 = sandbox.call("increment", ()).expect("increment failed");
         assert_eq!(count, round + 1, "increment call {round} returned {count}");
     }
 }
 
-#[test]
-fn reply_too_large() {
-    let mut sandbox = demo_builder()
+fn reply_too_large(transport: Transport) {
+    let mut sandbox = demo_builder(transport)
         .input_buffer_size(512 << 10)
         .build()
         .expect("building the sandbox failed");
+    assert_transport(&sandbox, transport);
     let bytes = patterned_bytes(200 << 10);
 
     let error = expect_error(
@@ -679,8 +664,7 @@ fn reply_too_large() {
     );
 }
 
-#[test]
-fn host_panic_reaches_guest() {
+fn host_panic_reaches_guest(transport: Transport) {
     require_kvm();
     let mut sandbox = SandboxBuilder::new()
         .guest_file(demo_guest())
@@ -688,8 +672,10 @@ fn host_panic_reaches_guest() {
             panic!("host function bug")
         })
         .guest_core_dump(false)
+        .transport(transport)
         .build()
         .expect("building the sandbox failed");
+    assert_transport(&sandbox, transport);
 
     let error = expect_error(
         sandbox.call::<i64>("call_host_add", (1i64, 2i64)),
@@ -708,10 +694,42 @@ fn host_panic_reaches_guest() {
     );
 }
 
-#[test]
-fn kill_after_drop_is_false() {
-    let sandbox = demo_sandbox();
+fn kill_after_drop_is_false(transport: Transport) {
+    let sandbox = demo_sandbox(transport);
     let handle = sandbox.interrupt_handle();
     drop(sandbox);
     assert!(!handle.kill(), "kill() on a dropped sandbox returned true");
 }
+
+transport_tests!(
+    i32_round_trips,
+    u32_round_trips,
+    i64_round_trips,
+    u64_round_trips,
+    f32_bits_round_trip,
+    f64_bits_round_trip,
+    scale_multiplies_in_guest,
+    bool_round_trips,
+    string_round_trips,
+    bytes_round_trip,
+    void_return,
+    add_wraps_like_guest,
+    values_from_vec,
+    fnv1a_matches_host,
+    sum_to_matches_formula,
+    host_function_call,
+    host_function_sees_arguments,
+    host_error_reaches_guest,
+    missing_host_function,
+    unknown_function,
+    wrong_argument_count,
+    wrong_argument_type,
+    wrong_return_type,
+    request_too_large,
+    print_reaches_handler,
+    base_image_sandboxes_independent,
+    many_calls_one_sandbox,
+    reply_too_large,
+    host_panic_reaches_guest,
+    kill_after_drop_is_false,
+);

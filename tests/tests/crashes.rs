@@ -1,5 +1,6 @@
 //! Guest crashes, poisoning, restore, snapshots, cancellation and time
 //! limits. Dumps are off, so these tests run with and without `crashdump`.
+//! Every test runs on both transports, as `exit::<test>` and `polling::<test>`.
 
 mod common;
 
@@ -7,8 +8,8 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{demo_builder, demo_sandbox, expect_error, symbol_range};
-use sandcore::SandboxError;
+use common::{assert_transport, demo_builder, demo_sandbox, expect_error, symbol_range};
+use sandcore::{SandboxError, Transport};
 
 /// Page-fault error code bits (Intel SDM Vol. 3A, 4.7).
 const PF_PRESENT: u64 = 1 << 0;
@@ -45,9 +46,8 @@ fn expect_exception(error: &SandboxError) -> Exception {
     }
 }
 
-#[test]
-fn null_write_page_fault() {
-    let mut sandbox = demo_sandbox();
+fn null_write_page_fault(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     let error = expect_error(sandbox.call::<()>("crash_null", ()), "crash_null");
     let exception = expect_exception(&error);
     let faulting_function = symbol_range("demo::null_level_3");
@@ -113,9 +113,8 @@ fn null_write_page_fault() {
     );
 }
 
-#[test]
-fn write_code_page_fault() {
-    let mut sandbox = demo_sandbox();
+fn write_code_page_fault(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     let error = expect_error(
         sandbox.call::<()>("crash_write_code", ()),
         "crash_write_code",
@@ -162,9 +161,8 @@ fn write_code_page_fault() {
     );
 }
 
-#[test]
-fn write_shim_page_fault() {
-    let mut sandbox = demo_sandbox();
+fn write_shim_page_fault(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     let error = expect_error(
         sandbox.call::<()>("crash_write_shim", ()),
         "crash_write_shim",
@@ -197,9 +195,8 @@ fn write_shim_page_fault() {
     );
 }
 
-#[test]
-fn divide_error() {
-    let mut sandbox = demo_sandbox();
+fn divide_error(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     let error = expect_error(
         sandbox.call::<()>("crash_divide_by_zero", ()),
         "crash_divide_by_zero",
@@ -227,9 +224,8 @@ fn divide_error() {
     assert!(!exception.name.is_empty(), "exception name is empty");
 }
 
-#[test]
-fn invalid_opcode() {
-    let mut sandbox = demo_sandbox();
+fn invalid_opcode(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     let error = expect_error(sandbox.call::<()>("crash_ud2", ()), "crash_ud2");
     let exception = expect_exception(&error);
     let function = symbol_range("demo::crash_ud2");
@@ -248,9 +244,8 @@ fn invalid_opcode() {
     );
 }
 
-#[test]
-fn stack_overflow() {
-    let mut sandbox = demo_sandbox();
+fn stack_overflow(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     let error = expect_error(
         sandbox.call::<u64>("crash_stack_overflow", ()),
         "crash_stack_overflow",
@@ -277,9 +272,8 @@ fn stack_overflow() {
     );
 }
 
-#[test]
-fn panic_message() {
-    let mut sandbox = demo_sandbox();
+fn panic_message(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     let error = expect_error(sandbox.call::<i32>("crash_panic", ()), "crash_panic");
     let SandboxError::GuestPanic { message, .. } = &error else {
         panic!("expected GuestPanic, got {error:?}");
@@ -303,9 +297,8 @@ fn panic_message() {
     );
 }
 
-#[test]
-fn poisoned_until_restore() {
-    let mut sandbox = demo_sandbox();
+fn poisoned_until_restore(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     let crash = expect_error(sandbox.call::<()>("crash_ud2", ()), "crash_ud2");
     assert!(
         matches!(crash, SandboxError::GuestException { vector: 6, .. }),
@@ -342,9 +335,8 @@ fn poisoned_until_restore() {
     assert_eq!(sum, 3, "add(1, 2) after restore returned {sum}");
 }
 
-#[test]
-fn restore_after_each_crash() {
-    let mut sandbox = demo_sandbox();
+fn restore_after_each_crash(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     let crashes = [
         "crash_null",
         "crash_write_code",
@@ -381,9 +373,8 @@ fn restore_after_each_crash() {
     }
 }
 
-#[test]
-fn restore_reverts_memory() {
-    let mut sandbox = demo_sandbox();
+fn restore_reverts_memory(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
 
     let first: u64 = sandbox.call("increment", ()).expect("increment failed");
     let second: u64 = sandbox.call("increment", ()).expect("increment failed");
@@ -400,9 +391,8 @@ fn restore_reverts_memory() {
     );
 }
 
-#[test]
-fn snapshot_restore_to() {
-    let mut sandbox = demo_sandbox();
+fn snapshot_restore_to(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     for _ in 0..3 {
         sandbox
             .call::<u64>("increment", ())
@@ -449,10 +439,9 @@ fn snapshot_restore_to() {
     );
 }
 
-#[test]
-fn snapshot_other_base_rejected() {
-    let mut first = demo_sandbox();
-    let mut second = demo_sandbox();
+fn snapshot_other_base_rejected(transport: Transport) {
+    let mut first = demo_sandbox(transport);
+    let mut second = demo_sandbox(transport);
     let snapshot = first.snapshot().expect("snapshot failed");
 
     let error = expect_error(
@@ -472,9 +461,8 @@ fn snapshot_other_base_rejected() {
     );
 }
 
-#[test]
-fn kill_cancels_spin() {
-    let mut sandbox = demo_sandbox();
+fn kill_cancels_spin(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     let handle = sandbox.interrupt_handle();
     let (started_sender, started) = mpsc::channel();
 
@@ -519,9 +507,8 @@ fn kill_cancels_spin() {
     assert_eq!(sum, 42, "add(20, 22) after Cancelled returned {sum}");
 }
 
-#[test]
-fn kill_idle_returns_false() {
-    let mut sandbox = demo_sandbox();
+fn kill_idle_returns_false(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
     let handle = sandbox.interrupt_handle();
     assert!(!handle.kill(), "kill() before any call returned true");
 
@@ -538,13 +525,13 @@ fn kill_idle_returns_false() {
     );
 }
 
-#[test]
-fn time_limit_stops_spin() {
+fn time_limit_stops_spin(transport: Transport) {
     let limit = Duration::from_millis(100);
-    let mut sandbox = demo_builder()
+    let mut sandbox = demo_builder(transport)
         .call_time_limit(limit)
         .build()
         .expect("building the sandbox failed");
+    assert_transport(&sandbox, transport);
 
     let started = Instant::now();
     let error = expect_error(sandbox.call::<()>("spin", ()), "spin with a time limit");
@@ -573,12 +560,12 @@ fn time_limit_stops_spin() {
     assert_eq!(count, 1, "increment after TimedOut returned {count}");
 }
 
-#[test]
-fn time_limit_spares_short_calls() {
-    let mut sandbox = demo_builder()
+fn time_limit_spares_short_calls(transport: Transport) {
+    let mut sandbox = demo_builder(transport)
         .call_time_limit(Duration::from_millis(500))
         .build()
         .expect("building the sandbox failed");
+    assert_transport(&sandbox, transport);
     for round in 0..50u64 {
         let count: u64 = sandbox
             .call("increment", ())
@@ -593,19 +580,19 @@ fn time_limit_spares_short_calls() {
     assert_eq!(sum, 500_500, "sum_to(1000) returned {sum}");
 }
 
-#[test]
-fn snapshot_moves_between_sandboxes() {
-    let mut first = demo_sandbox();
+fn snapshot_moves_between_sandboxes(transport: Transport) {
+    let mut first = demo_sandbox(transport);
     for _ in 0..3 {
         first
             .call::<u64>("increment", ())
             .expect("increment failed");
     }
     let snapshot = first.snapshot().expect("snapshot failed");
-    let mut second = demo_builder()
+    let mut second = demo_builder(transport)
         .base_image(first.base_image())
         .build()
         .expect("building a sandbox from the base image failed");
+    assert_transport(&second, transport);
 
     second
         .restore_to(&snapshot)
@@ -626,3 +613,23 @@ fn snapshot_moves_between_sandboxes() {
         "first sandbox counter is {original}; the sibling's call changed it"
     );
 }
+
+transport_tests!(
+    null_write_page_fault,
+    write_code_page_fault,
+    write_shim_page_fault,
+    divide_error,
+    invalid_opcode,
+    stack_overflow,
+    panic_message,
+    poisoned_until_restore,
+    restore_after_each_crash,
+    restore_reverts_memory,
+    snapshot_restore_to,
+    snapshot_other_base_rejected,
+    kill_cancels_spin,
+    kill_idle_returns_false,
+    time_limit_stops_spin,
+    time_limit_spares_short_calls,
+    snapshot_moves_between_sandboxes,
+);

@@ -12,8 +12,7 @@ use sandcore::{Sandbox, Transport};
 
 fn polling_sandbox(idle_spin: Duration) -> Sandbox {
     require_kvm();
-    demo_builder()
-        .transport(Transport::Polling { idle_spin })
+    demo_builder(Transport::Polling { idle_spin })
         .build()
         .expect("creating a polling sandbox of the demo guest failed")
 }
@@ -146,7 +145,7 @@ fn drop_joins_vcpu_thread() {
 #[test]
 fn exit_transport_has_no_vcpu_thread() {
     require_kvm();
-    let sandbox = demo_builder()
+    let sandbox = demo_builder(Transport::Exit)
         .build()
         .expect("creating an exit-transport sandbox failed");
     assert_eq!(sandbox.vcpu_thread_id(), None);

@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests: KVM check, sandbox builders for
-//! the demo guest, and symbol lookup in the demo guest's ELF.
+//! the demo guest on either transport, the macro that runs a test on both
+//! transports, and symbol lookup in the demo guest's ELF.
 
 // Each test binary compiles this module and uses only part of it.
 #![allow(dead_code)]
@@ -9,8 +10,82 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use std::time::Duration;
 
-use sandcore::{Sandbox, SandboxBuilder, SandboxError};
+use sandcore::{Sandbox, SandboxBuilder, SandboxError, Transport};
+
+/// How long a polling guest spins for the next call before it parks. Calls
+/// made back to back stay on the hot path, and a test that sleeps longer
+/// than this also wakes a parked guest. Short, so that idle vCPU threads of
+/// tests running in parallel stop burning CPU soon.
+pub const POLLING_IDLE_SPIN: Duration = Duration::from_millis(50);
+
+/// Returns the polling transport that the transport-parameterised tests use.
+pub fn polling_transport() -> Transport {
+    Transport::Polling {
+        idle_spin: POLLING_IDLE_SPIN,
+    }
+}
+
+/// Returns every transport, for tests that loop over them.
+pub fn transports() -> [Transport; 2] {
+    [Transport::Exit, polling_transport()]
+}
+
+/// Returns `exit` or `polling`, for file names and messages.
+pub fn transport_name(transport: Transport) -> &'static str {
+    match transport {
+        Transport::Exit => "exit",
+        Transport::Polling { .. } => "polling",
+    }
+}
+
+/// Defines each listed function `name(transport: Transport)` as two tests,
+/// `exit::name` and `polling::name`, so that a failure names its transport.
+///
+/// ```ignore
+/// fn adds(transport: Transport) { /* ... */ }
+/// transport_tests!(adds);
+/// ```
+#[macro_export]
+macro_rules! transport_tests {
+    ($($test:ident),+ $(,)?) => {
+        /// The tests on `Transport::Exit`: each call is one VM exit.
+        mod exit {
+            $(
+                #[test]
+                fn $test() {
+                    super::$test(sandcore::Transport::Exit);
+                }
+            )+
+        }
+
+        /// The tests on `Transport::Polling` with `common::POLLING_IDLE_SPIN`.
+        mod polling {
+            $(
+                #[test]
+                fn $test() {
+                    super::$test($crate::common::polling_transport());
+                }
+            )+
+        }
+    };
+}
+
+/// Panics unless `sandbox` runs on `transport`: a polling sandbox has a vCPU
+/// thread, an exit sandbox runs the vCPU on the calling thread.
+pub fn assert_transport(sandbox: &Sandbox, transport: Transport) {
+    let has_thread = sandbox.vcpu_thread_id().is_some();
+    let expects_thread = matches!(transport, Transport::Polling { .. });
+    assert_eq!(
+        has_thread,
+        expects_thread,
+        "sandbox {} should run on the {} transport, but vcpu_thread_id() is {:?}",
+        sandbox.id(),
+        transport_name(transport),
+        sandbox.vcpu_thread_id()
+    );
+}
 
 /// Panics unless `/dev/kvm` opens read-write, so that a machine without KVM
 /// fails these tests instead of passing them.
@@ -63,21 +138,29 @@ pub fn demo_guest() -> &'static Path {
     })
 }
 
-/// Starts a builder for the demo guest with `host_add` registered and crash
-/// dumps off, so that the test works with and without the `crashdump` feature.
-pub fn demo_builder() -> SandboxBuilder {
+/// Starts a builder for the demo guest on `transport` with `host_add`
+/// registered and crash dumps off, so that the test works with and without
+/// the `crashdump` feature.
+pub fn demo_builder(transport: Transport) -> SandboxBuilder {
     require_kvm();
     SandboxBuilder::new()
         .guest_file(demo_guest())
         .host_function("host_add", |a: i64, b: i64| a.wrapping_add(b))
         .guest_core_dump(false)
+        .transport(transport)
 }
 
-/// Builds a demo guest sandbox with [`demo_builder`]'s settings.
-pub fn demo_sandbox() -> Sandbox {
-    demo_builder()
-        .build()
-        .expect("building the demo guest sandbox failed")
+/// Builds a demo guest sandbox with [`demo_builder`]'s settings and checks
+/// that it runs on `transport`.
+pub fn demo_sandbox(transport: Transport) -> Sandbox {
+    let sandbox = demo_builder(transport).build().unwrap_or_else(|error| {
+        panic!(
+            "building the demo guest sandbox on the {} transport failed: {error}",
+            transport_name(transport)
+        )
+    });
+    assert_transport(&sandbox, transport);
+    sandbox
 }
 
 /// Returns the error of `result`, panicking with `what` and the value if it is `Ok`.
