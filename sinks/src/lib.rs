@@ -28,6 +28,8 @@ pub mod file_sink;
 #[cfg(feature = "alloc")]
 pub mod memory_sink;
 pub mod protocol;
+#[cfg(feature = "std")]
+pub mod shared_sink;
 pub mod sink;
 pub mod snapshot;
 #[cfg(feature = "std")]

@@ -854,12 +854,6 @@ fn restore_after_dumped_crash(transport: Transport) {
     assert_eq!(resumed, 2, "increment after restore_to returned {resumed}");
 }
 
-// NOTE: these tests fail now and then (heap corruption, SIGSEGV, or
-// "unhandled KVM exit 0x0" in another test's sandbox) more often on the
-// polling transport. `Mapping::detach` unmaps the crashed guest range with
-// `mremap` and maps it again with `MAP_FIXED`, and another thread's `mmap`
-// (a vCPU thread's stack, a large allocation) can land in between and is
-// then overwritten.
 transport_tests!(
     null_write_backtrace,
     write_code_dump,

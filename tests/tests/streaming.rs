@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use sandcore::dump::{DumpReceipt, DumpWorker};
 use sandcore::{DumpId, Sandbox, SandboxBuilder};
 use sandcore_sinks::collector::{list_dumps, Collector, CollectorConfig, CollectorStats};
 use sandcore_sinks::file_sink::{FileSink, FileSinkConfig};
-use sandcore_sinks::sink::{DumpMetadata, DumpSink, SinkError, SinkReceipt};
+use sandcore_sinks::shared_sink::SharedSink;
 use sandcore_sinks::socket_sink::{Endpoint, SocketSink, SocketSinkConfig};
 
 /// Time allowed for the worker to write one dump to both sinks.
@@ -70,48 +70,7 @@ impl Drop for TestDirectory {
     }
 }
 
-/// Lets the test keep using a [`SocketSink`] that the dump worker owns.
-///
-/// NOTE: `DumpWorkerBuilder::sink` takes the sink by value, and `SocketSink`
-/// is neither `Clone` nor has a handle type, so once moved into the worker
-/// its `wait_idle`, `stats` and `spool_usage` are out of reach. This wrapper
-/// shares it behind a mutex instead.
-#[derive(Clone)]
-struct SharedSocketSink(Arc<Mutex<SocketSink>>);
-
-impl SharedSocketSink {
-    fn lock(&self) -> MutexGuard<'_, SocketSink> {
-        self.0
-            .lock()
-            .expect("a thread panicked while it used the socket sink")
-    }
-}
-
-impl DumpSink for SharedSocketSink {
-    fn begin(&mut self, metadata: &DumpMetadata) -> Result<(), SinkError> {
-        self.lock().begin(metadata)
-    }
-
-    fn data(&mut self, bytes: &[u8]) -> Result<(), SinkError> {
-        self.lock().data(bytes)
-    }
-
-    fn hole(&mut self, length: u64) -> Result<(), SinkError> {
-        self.lock().hole(length)
-    }
-
-    fn finish(&mut self) -> Result<SinkReceipt, SinkError> {
-        self.lock().finish()
-    }
-
-    fn abort(&mut self) {
-        self.lock().abort()
-    }
-
-    fn name(&self) -> &str {
-        "socket"
-    }
-}
+type SharedSocketSink = SharedSink<SocketSink>;
 
 /// A collector serving on its own thread until [`RunningCollector::stop`].
 struct RunningCollector {
@@ -180,7 +139,7 @@ fn streaming_sandbox(directory: &TestDirectory) -> StreamingSandbox {
     config.initial_backoff = Duration::from_millis(20);
     config.max_backoff = Duration::from_millis(200);
     let socket_sink = SocketSink::new(config).expect("creating the socket sink failed");
-    let socket_sink = SharedSocketSink(Arc::new(Mutex::new(socket_sink)));
+    let socket_sink = SharedSocketSink::new(socket_sink);
 
     let worker = DumpWorker::builder()
         .sink(FileSink::new(FileSinkConfig::new(directory.files())))
