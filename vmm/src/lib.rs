@@ -15,11 +15,11 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Module map, following the data: [`guest_image`] validates the binary,
-//! [`memory`] lays out and maps guest memory, [`vcpu`] owns KVM and the
-//! ring-0 shim, [`base_image`] runs the guest's initialisation once,
-//! [`call`] is the call path, [`crash`] decodes failures, and `dump`
-//! (feature `crashdump`) turns them into core files.
+//! Modules follow the data. [`guest_image`] validates the binary,
+//! [`memory`] lays out and maps guest memory, and [`vcpu`] owns KVM and the
+//! ring-0 shim. [`base_image`] runs the guest's initialisation once, [`call`]
+//! is the call path, [`crash`] decodes failures, and `dump` (feature
+//! `crashdump`) turns them into core files.
 #![deny(missing_docs)]
 
 pub mod base_image;

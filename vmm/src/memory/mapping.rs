@@ -57,7 +57,7 @@ impl MemFile {
         self.size
     }
 
-    /// The underlying file, for building the image through a shared mapping.
+    /// Returns the underlying file, for building the image through a shared mapping.
     pub fn file(&self) -> &File {
         &self.file
     }
@@ -156,7 +156,7 @@ impl Mapping {
         self.size
     }
 
-    /// The image this mapping was made from.
+    /// Returns the image this mapping was made from.
     pub fn backing(&self) -> &Arc<MemFile> {
         &self.backing
     }

@@ -18,7 +18,7 @@ use crate::interrupt::{InterruptHandle, InterruptState};
 use crate::memory::mapping::{Mapping, MemFile};
 use crate::vcpu::{VcpuState, Vm};
 
-/// Who runs the vCPU: the calling thread, or the polling transport's thread.
+/// Owner of the vCPU: the calling thread, or the polling transport's thread.
 pub(crate) enum VcpuOwner {
     Local(Vm),
     Thread(PollingVcpu),
@@ -35,7 +35,7 @@ impl VcpuOwner {
     }
 }
 
-/// How the last call went.
+/// Outcome details of the last call.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CallReport {
     /// The call ran on the polling transport.
@@ -178,7 +178,7 @@ impl Sandbox {
         self.vcpu.with_vm(operation)
     }
 
-    /// How the last call went: hot or woke the guest, host calls served.
+    /// Returns how the last call went: hot or woke the guest, host calls served.
     pub fn last_call_report(&self) -> CallReport {
         self.last_call
     }
@@ -197,12 +197,12 @@ impl Sandbox {
         self.id
     }
 
-    /// The base image, to create more sandboxes of the same guest cheaply.
+    /// Returns the base image, to create more sandboxes of the same guest cheaply.
     pub fn base_image(&self) -> Arc<BaseImage> {
         Arc::clone(&self.base)
     }
 
-    /// A handle that stops this sandbox's running call from another thread.
+    /// Returns a handle that stops this sandbox's running call from another thread.
     pub fn interrupt_handle(&self) -> InterruptHandle {
         InterruptHandle {
             state: Arc::clone(&self.interrupt),

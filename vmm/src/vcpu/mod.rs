@@ -188,7 +188,7 @@ impl Vm {
     }
 }
 
-/// Why `KVM_RUN` returned.
+/// Reason `KVM_RUN` returned.
 #[derive(Debug)]
 pub enum Exit {
     /// The guest wrote to a port.

@@ -111,8 +111,8 @@ fn stub_code(vector: u8) -> [u8; STUB_SIZE as usize] {
     code
 }
 
-/// A 64-bit interrupt gate to `handler`. Gates are DPL 0 except #BP, so
-/// that `int3` in guest code raises #BP rather than #GP.
+/// Encodes a 64-bit interrupt gate to `handler`. Gates are DPL 0 except
+/// #BP, so that `int3` in guest code raises #BP rather than #GP.
 fn gate(vector: u8, handler: u64) -> [u8; 16] {
     let dpl: u64 = if vector == 3 { 3 } else { 0 };
     let ist: u64 = if uses_ist1(vector) { 1 } else { 0 };
