@@ -854,6 +854,57 @@ fn restore_after_dumped_crash(transport: Transport) {
     assert_eq!(resumed, 2, "increment after restore_to returned {resumed}");
 }
 
+/// Restores right after the crash, while the worker may still read the
+/// crashed memory: the sandbox must run on fresh memory at once, and the
+/// dump must still show the crash, not the restored state.
+fn restore_while_dump_is_written(transport: Transport) {
+    require_kvm();
+    let memory_sink = MemorySink::new(MemorySinkLimits {
+        max_dumps: 16,
+        max_total_bytes: 256 << 20,
+    });
+    let stored_dumps = memory_sink.dumps();
+    let worker = DumpWorker::builder()
+        .sink(memory_sink)
+        .build()
+        .expect("building the dump worker failed");
+    let mut sandbox = SandboxBuilder::new()
+        .guest_file(demo_guest())
+        .dump_worker(&worker)
+        .transport(transport)
+        .build()
+        .expect("building the sandbox failed");
+    assert_transport(&sandbox, transport);
+
+    let mut dumps = Vec::new();
+    for round in 1..=5u64 {
+        let counted: u64 = sandbox.call("increment", ()).expect("increment failed");
+        assert_eq!(
+            counted, 1,
+            "round {round}: restore should reset the counter"
+        );
+        let error = expect_error(sandbox.call::<()>("crash_null", ()), "crash_null");
+        let SandboxError::GuestException { rip, .. } = error else {
+            panic!("expected a page fault, got {error:?}");
+        };
+        dumps.push((error.dump_id().expect("no dump id"), rip));
+        sandbox
+            .restore()
+            .expect("restore right after the crash failed");
+    }
+    for (dump_id, rip) in dumps {
+        worker
+            .wait_for(dump_id, DUMP_TIMEOUT)
+            .expect("dump was not written in time");
+        let stored = stored_dumps
+            .get(dump_id)
+            .expect("dump missing from the memory sink");
+        let summary = stored.summary().expect("dump summary unreadable");
+        assert_eq!(summary.rip, rip, "dump {dump_id} shows another RIP");
+        assert_eq!(summary.signal, 11, "dump {dump_id} shows another signal");
+    }
+}
+
 transport_tests!(
     null_write_backtrace,
     write_code_dump,
@@ -865,4 +916,5 @@ transport_tests!(
     timeout_dump_shows_spin,
     memory_sink_second_copy,
     restore_after_dumped_crash,
+    restore_while_dump_is_written,
 );

@@ -35,6 +35,10 @@ pub struct BaseImage {
     pub(crate) memory: Arc<MemFile>,
     pub(crate) layout: MemoryLayout,
     pub(crate) state: VcpuState,
+    /// XCR0 the guest runs with. Constant: XSETBV faults at CPL3, so crash
+    /// capture reads it from here instead of spending an ioctl.
+    #[cfg_attr(not(feature = "crashdump"), allow(dead_code))]
+    pub(crate) xcr0: u64,
     #[cfg_attr(not(feature = "crashdump"), allow(dead_code))]
     pub(crate) mappings: Vec<PageMapping>,
     #[cfg_attr(not(feature = "crashdump"), allow(dead_code))]
@@ -85,7 +89,7 @@ impl BaseImage {
         let (mappings, image_segments) = page_mappings(image, &layout);
 
         let guest_memory = load(image, &memory, &layout, &mappings)?;
-        let state = run_initialisation(image, &guest_memory, &layout)?;
+        let (state, xcr0) = run_initialisation(image, &guest_memory, &layout)?;
         drop(guest_memory);
         memory
             .seal()
@@ -96,6 +100,7 @@ impl BaseImage {
             memory: Arc::new(memory),
             layout,
             state,
+            xcr0,
             mappings,
             image_segments,
             guest_name: image.name.clone(),
@@ -257,7 +262,7 @@ fn run_initialisation(
     image: &GuestImage,
     guest_memory: &GuestMemoryMmap,
     layout: &MemoryLayout,
-) -> Result<VcpuState, SandboxError> {
+) -> Result<(VcpuState, u64), SandboxError> {
     let host_address = guest_memory
         .get_host_address(GuestAddress(0))
         .map_err(|error| SandboxError::Os {
@@ -293,5 +298,15 @@ fn run_initialisation(
         }
     }
     tracing::debug!(guest = %image.name, elapsed = ?started.elapsed(), "guest initialisation finished");
-    vm.state()
+    let xcrs = vm
+        .vcpu
+        .get_xcrs()
+        .map_err(crate::error::kvm_error("KVM_GET_XCRS"))?;
+    let count = (xcrs.nr_xcrs as usize).min(xcrs.xcrs.len());
+    // XCR0 is register 0; x87 state (bit 0) is always enabled.
+    let xcr0 = xcrs.xcrs[..count]
+        .iter()
+        .find(|x| x.xcr == 0)
+        .map_or(1, |x| x.value);
+    Ok((vm.state()?, xcr0))
 }

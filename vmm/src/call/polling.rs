@@ -55,7 +55,8 @@ pub(crate) struct PollShared {
     /// An exit the vCPU thread did not handle, for the caller's crash path.
     pending_exit: Mutex<Option<Exit>>,
     pub(crate) exit_ready: AtomicBool,
-    input: Slot,
+    /// The input slot; replaced when the sandbox swaps its memory mapping.
+    input: Mutex<Slot>,
     interrupt: Arc<InterruptState>,
     thread_id: AtomicU64,
     tid: AtomicI32,
@@ -83,7 +84,7 @@ impl PollingVcpu {
             halted: AtomicBool::new(false),
             pending_exit: Mutex::new(None),
             exit_ready: AtomicBool::new(false),
-            input,
+            input: Mutex::new(input),
             interrupt,
             thread_id: AtomicU64::new(0),
             tid: AtomicI32::new(0),
@@ -129,6 +130,12 @@ impl PollingVcpu {
         self.shared.halted.store(false, Ordering::SeqCst);
         self.shared.command.store(RUN, Ordering::SeqCst);
         self.wake();
+    }
+
+    /// Points the vCPU thread at the input slot of a new memory mapping.
+    /// Called only while the thread is paused.
+    pub(crate) fn set_input(&self, input: Slot) {
+        *self.shared.input.lock().unwrap_or_else(|p| p.into_inner()) = input;
     }
 
     /// Wakes the vCPU thread if the guest parked; returns true if it did,
@@ -278,7 +285,8 @@ fn park(shared: &PollShared) {
     shared.parked.store(true, Ordering::SeqCst);
     loop {
         let seen = shared.wake_seq.load(Ordering::SeqCst);
-        let call_pending = shared.input.header().state.load(Ordering::SeqCst) == INPUT_CALL;
+        let input = *shared.input.lock().unwrap_or_else(|p| p.into_inner());
+        let call_pending = input.header().state.load(Ordering::SeqCst) == INPUT_CALL;
         if call_pending
             || shared.command.load(Ordering::SeqCst) != RUN
             || shared.interrupt.stop_reason().is_some()

@@ -16,11 +16,10 @@ use sandcore_sinks::snapshot::{
 use crate::crash::{CrashCause, RawCrash};
 use crate::dump::DumpRequest;
 use crate::error::DumpId;
+use crate::memory::mapping::{Mapping, MemFile};
 use crate::memory::paging::{PageFlags, PageMapping};
 use crate::sandbox::Sandbox;
-
-/// XCR0 index in `KVM_GET_XCRS`.
-const XCR0: u32 = 0;
+use std::sync::Arc;
 
 impl Sandbox {
     /// Queues a dump of `crash` if dumps are on for this sandbox and this
@@ -70,21 +69,13 @@ impl Sandbox {
             message_truncated: false,
             regions: heapless::Vec::new(),
         };
-        let (xsave, xcrs) = self.with_vm(|vm| (vm.vcpu.get_xsave().ok(), vm.vcpu.get_xcrs().ok()));
+        let xsave = self.with_vm(|vm| vm.vcpu.get_xsave().ok());
         if let Some(xsave) = xsave {
             for (chunk, word) in info.xsave.chunks_exact_mut(4).zip(xsave.region.iter()) {
                 chunk.copy_from_slice(&word.to_le_bytes());
             }
         }
-        info.xcr0 = xcrs
-            .and_then(|xcrs| {
-                let count = (xcrs.nr_xcrs as usize).min(xcrs.xcrs.len());
-                xcrs.xcrs[..count]
-                    .iter()
-                    .find(|x| x.xcr == XCR0)
-                    .map(|x| x.value)
-            })
-            .unwrap_or(1);
+        info.xcr0 = self.base.xcr0;
         push_truncated(&mut info.guest_name, &self.base.guest_name);
         push_truncated(&mut info.guest_path, &self.base.guest_path);
         push_truncated(&mut info.function, &self.function);
@@ -112,18 +103,17 @@ impl Sandbox {
             .then_some(dump_id)
     }
 
-    /// Moves the crashed memory out of the sandbox; an on-demand dump of a
-    /// live sandbox copies it instead, because the sandbox keeps running.
-    fn capture_memory(
-        &mut self,
-        crash: &RawCrash,
-    ) -> std::io::Result<crate::memory::mapping::Mapping> {
+    /// Shares the crashed memory with the dump worker; an on-demand dump of
+    /// a live sandbox copies it instead, because the sandbox keeps running.
+    fn capture_memory(&mut self, crash: &RawCrash) -> std::io::Result<Arc<Mapping>> {
         if matches!(crash.cause, CrashCause::OnDemand) {
-            let copy =
-                crate::memory::mapping::MemFile::from_mapping("sandcore-dump", &self.mapping)?;
-            crate::memory::mapping::Mapping::new(std::sync::Arc::new(copy))
+            let copy = MemFile::from_mapping("sandcore-dump", &self.mapping)?;
+            Ok(Arc::new(Mapping::new(Arc::new(copy))?))
         } else {
-            self.mapping.detach()
+            // An Arc clone: the poisoned sandbox runs no guest code until
+            // restore(), which leaves this mapping to the worker if it is
+            // still reading.
+            Ok(Arc::clone(&self.mapping))
         }
     }
 

@@ -26,7 +26,7 @@ const RECEIPTS_KEPT: usize = 1024;
 /// crashed guest memory it moved out of the sandbox.
 pub(crate) struct DumpRequest {
     pub(crate) info: Box<CrashInfo>,
-    pub(crate) memory: Mapping,
+    pub(crate) memory: Arc<Mapping>,
 }
 
 /// Result of one sink for one dump.
@@ -406,7 +406,7 @@ fn wait_idle(shared: &Shared, timeout: Option<Duration>) -> bool {
 /// Guest memory moved out of a crashed sandbox, with the kernel's record of
 /// which pages were ever touched, so untouched pages become holes unread.
 struct CapturedMemory {
-    mapping: Mapping,
+    mapping: Arc<Mapping>,
     resident: Vec<u8>,
 }
 

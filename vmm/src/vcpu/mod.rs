@@ -81,6 +81,47 @@ impl Vm {
         Ok(Vm { vcpu, vm })
     }
 
+    /// Points memory slot 0 at a new host range in place of the current one.
+    ///
+    /// Swapping the slot lets a sandbox exchange whole mappings: the old
+    /// mapping leaves the VM without KVM walking its pages (deleting a slot
+    /// zaps shadow pages wholesale, while an munmap or madvise of a mapped
+    /// slot makes KVM's MMU notifier walk every page of the range).
+    ///
+    /// # Safety
+    /// `host_address..host_address + size` must stay mapped while the VM
+    /// uses it, that is until the next replace or the VM's drop.
+    pub unsafe fn replace_memory(
+        &self,
+        host_address: *mut u8,
+        size: u64,
+    ) -> Result<(), SandboxError> {
+        let delete = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        let create = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: size,
+            userspace_addr: host_address as u64,
+        };
+        // SAFETY: deleting the slot stops KVM from using the old range; the
+        // caller guarantees the new range for as long as the slot exists.
+        unsafe {
+            self.vm
+                .set_user_memory_region(delete)
+                .map_err(kvm_error("KVM_SET_USER_MEMORY_REGION (delete)"))?;
+            self.vm
+                .set_user_memory_region(create)
+                .map_err(kvm_error("KVM_SET_USER_MEMORY_REGION"))
+        }
+    }
+
     /// Loads a full register state.
     pub fn set_state(&self, state: &VcpuState) -> Result<(), SandboxError> {
         self.vcpu
