@@ -121,7 +121,9 @@ impl Directory {
         Ok(unsafe { File::from_raw_fd(fd) })
     }
 
-    /// Opens `name` for reading, never through a symlink.
+    /// Opens the regular file `name` for reading, never through a symlink.
+    /// `O_NONBLOCK` keeps a FIFO planted under that name from blocking the
+    /// open; anything but a regular file is then rejected.
     pub(crate) fn open_file(&self, name: &str) -> io::Result<File> {
         let c_name = c_name(name)?;
         // SAFETY: the directory descriptor is open and c_name is NUL-terminated.
@@ -129,11 +131,18 @@ impl Directory {
             libc::openat(
                 self.fd.as_raw_fd(),
                 c_name.as_ptr(),
-                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK,
             )
         })?;
         // SAFETY: openat returned a new descriptor that nothing else owns.
-        Ok(unsafe { File::from_raw_fd(fd) })
+        let file = unsafe { File::from_raw_fd(fd) };
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{name} is not a regular file"),
+            ));
+        }
+        Ok(file)
     }
 
     /// Renames `from` to `to`, failing if `to` exists.

@@ -508,3 +508,42 @@ fn unaligned_stack_rejected() {
         "message does not name the field and value: {message}"
     );
 }
+
+#[test]
+fn segment_address_and_offset_misaligned() {
+    let mut bytes = demo_elf();
+    let (index, data) = find_load(&bytes, |header| header.flags & 2 != 0);
+    let address = data.address + 1;
+    write_u64(&mut bytes, data.at + 16, address);
+    let (error, message) = rejection(bytes);
+
+    let expected = GuestBinaryError::SegmentMisaligned {
+        index,
+        address,
+        offset: data.offset,
+    };
+    assert_eq!(error, expected, "wrong error for p_vaddr {address:#x}");
+    assert_message_contains(
+        &message,
+        &[&format!("segment {index}"), &format!("{address:#x}")],
+    );
+}
+
+#[test]
+fn writable_code_segment() {
+    let mut bytes = demo_elf();
+    let (index, code) = find_load(&bytes, |header| header.flags & 1 != 0);
+    // PF_R | PF_W | PF_X
+    bytes[code.at + 4..code.at + 8].copy_from_slice(&7u32.to_le_bytes());
+    let (error, message) = rejection(bytes);
+
+    let expected = GuestBinaryError::WritableAndExecutable {
+        index,
+        address: code.address,
+    };
+    assert_eq!(error, expected, "wrong error for an RWX segment");
+    assert_message_contains(
+        &message,
+        &[&format!("segment {index}"), "writable and executable"],
+    );
+}

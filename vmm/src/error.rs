@@ -9,6 +9,10 @@ pub type DumpId = u64;
 
 /// Everything that can go wrong when creating or calling a sandbox.
 ///
+/// Text that comes from the guest (panic messages, argument errors) is
+/// untrusted: `Display` escapes it, so a guest cannot put newlines or
+/// terminal escape sequences into the host's logs. The fields keep it raw.
+///
 /// Crash variants carry the id of the crash dump when one was queued, so the
 /// caller can match the error to the dump's receipt.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +55,7 @@ pub enum SandboxError {
         name: String,
     },
     /// The arguments do not match the guest function's parameters.
-    #[error("arguments do not match guest function {function:?}: {message}")]
+    #[error("arguments do not match guest function {function:?}: {}", message.escape_debug())]
     ArgumentMismatch {
         /// Function called.
         function: String,
@@ -81,7 +85,7 @@ pub enum SandboxError {
         available: usize,
     },
     /// The guest's result did not fit into the output buffer.
-    #[error("result of guest function {function:?} does not fit into the output buffer ({message}); raise output_buffer_size")]
+    #[error("result of guest function {function:?} does not fit into the output buffer ({}); raise output_buffer_size", message.escape_debug())]
     ReplyTooLarge {
         /// Function called.
         function: String,
@@ -89,13 +93,13 @@ pub enum SandboxError {
         message: String,
     },
     /// The guest wrote something into shared memory that breaks the protocol.
-    #[error("guest broke the call protocol: {reason}")]
+    #[error("guest broke the call protocol: {}", reason.escape_debug())]
     ProtocolViolation {
         /// What was wrong, with the offending value.
         reason: String,
     },
     /// The guest panicked.
-    #[error("guest panicked: {message}")]
+    #[error("guest panicked: {}", message.escape_debug())]
     GuestPanic {
         /// Message and location (`… at src/main.rs:10:5`).
         message: String,

@@ -112,6 +112,25 @@ pub enum GuestBinaryError {
         /// A shared page.
         page: u64,
     },
+    /// A segment's address and file offset differ modulo the page size, so
+    /// its bytes cannot be mapped page by page.
+    #[error("segment {index} has p_vaddr {address:#x} and p_offset {offset:#x}, which differ modulo 4096; link the guest with sandcore-guest.ld")]
+    SegmentMisaligned {
+        /// Program header index.
+        index: usize,
+        /// `p_vaddr`.
+        address: u64,
+        /// `p_offset`.
+        offset: u64,
+    },
+    /// A segment is both writable and executable.
+    #[error("segment {index} at {address:#x} is writable and executable; Sandcore maps code read-only, so split it into a code and a data segment")]
+    WritableAndExecutable {
+        /// Program header index.
+        index: usize,
+        /// `p_vaddr`.
+        address: u64,
+    },
     /// No PT_LOAD segment.
     #[error("guest binary has no loadable segment")]
     NoLoadableSegment,
@@ -200,7 +219,9 @@ impl GuestImage {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "guest".into());
-        GuestImage::parse(bytes, name, path.display().to_string())
+        // Recorded absolute, so gdb finds the binary from any directory.
+        let recorded = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        GuestImage::parse(bytes, name, recorded.display().to_string())
     }
 
     /// Validates a guest binary held in memory.
@@ -252,6 +273,19 @@ impl GuestImage {
             }
             if header.kind != PT_LOAD || header.memory_size == 0 {
                 continue;
+            }
+            if header.address % PAGE_SIZE != header.offset % PAGE_SIZE {
+                return Err(GuestBinaryError::SegmentMisaligned {
+                    index,
+                    address: header.address,
+                    offset: header.offset,
+                });
+            }
+            if header.flags & PF_W != 0 && header.flags & PF_X != 0 {
+                return Err(GuestBinaryError::WritableAndExecutable {
+                    index,
+                    address: header.address,
+                });
             }
             if header.file_size > header.memory_size {
                 return Err(GuestBinaryError::SegmentFileLargerThanMemory {

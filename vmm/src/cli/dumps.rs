@@ -317,6 +317,23 @@ impl Details {
     }
 }
 
+/// Opens `path` only if it is a regular file. `O_NONBLOCK` keeps a FIFO
+/// named like a dump (anyone can create one in `/tmp`) from blocking the open.
+fn open_regular(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
 /// Reads the head of a core, enough for its notes.
 fn read_head(path: &Path) -> Result<Vec<u8>, CliError> {
     let failed = |error: std::io::Error| {
@@ -325,7 +342,7 @@ fn read_head(path: &Path) -> Result<Vec<u8>, CliError> {
     let mut limit = HEAD_BYTES;
     loop {
         let mut head = Vec::new();
-        File::open(path)
+        open_regular(path)
             .and_then(|file| file.take(limit).read_to_end(&mut head))
             .map_err(failed)?;
         let needed = match needed_length(&head) {

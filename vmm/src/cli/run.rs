@@ -35,9 +35,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub time_limit: Option<u64>,
 
-    /// Guest heap size in bytes, a multiple of 4096 [default: 4194304 (4 MiB)].
+    /// Guest heap size in bytes, a multiple of 4096 and at least 65536 [default: 4194304 (4 MiB)].
     #[arg(long, value_name = "BYTES")]
     pub heap_size: Option<u64>,
+
+    /// Also write a crash dump when the call times out, to show where the guest hung.
+    #[arg(long)]
+    pub dump_on_timeout: bool,
 }
 
 /// Runs `sandcore run`.
@@ -56,6 +60,10 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
     if let Some(bytes) = args.heap_size {
         builder = builder.heap_size(bytes);
     }
+    // The demo guest's call_host_add needs it; other guests ignore it.
+    builder = builder
+        .dump_on_timeout(args.dump_on_timeout)
+        .host_function("host_add", |a: i64, b: i64| a.wrapping_add(b));
     #[cfg(feature = "crashdump")]
     let worker = sandcore::dump::DumpWorker::for_directory(None)?;
     #[cfg(feature = "crashdump")]

@@ -90,7 +90,6 @@ type ReceiptCallback = Arc<dyn Fn(&DumpReceipt) + Send + Sync>;
 
 struct Shared {
     sender: SyncSender<DumpRequest>,
-    next_id: AtomicU64,
     queued: AtomicU64,
     dropped_queue_full: AtomicU64,
     dropped_capture_failed: AtomicU64,
@@ -112,14 +111,24 @@ pub(crate) struct DumpQueue {
     shared: Arc<Shared>,
 }
 
-/// Process-wide dump id counter, so ids never repeat across workers (the
-/// file sink names temporary files by dump id).
-static NEXT_DUMP_ID: AtomicU64 = AtomicU64::new(1);
+/// Process-wide dump id counter. Ids never repeat across workers (the file
+/// sink names temporary files by dump id) and, because the counter starts
+/// at the wall-clock time in microseconds, not across restarts of a process
+/// either: a collector deduplicates resent dumps by (producer id, dump id),
+/// so a producer with a fixed id that restarted at 1 would lose its dumps.
+fn dump_id_counter() -> &'static AtomicU64 {
+    static NEXT_DUMP_ID: OnceLock<AtomicU64> = OnceLock::new();
+    NEXT_DUMP_ID.get_or_init(|| {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |elapsed| elapsed.as_micros() as u64);
+        AtomicU64::new(micros.max(1))
+    })
+}
 
 impl DumpQueue {
     pub(crate) fn next_id(&self) -> DumpId {
-        let _ = &self.shared.next_id;
-        NEXT_DUMP_ID.fetch_add(1, Ordering::Relaxed)
+        dump_id_counter().fetch_add(1, Ordering::Relaxed)
     }
 
     /// Pushes without blocking; on a full queue the request is dropped and counted.
@@ -207,10 +216,11 @@ impl DumpWorkerBuilder {
                 sandcore_sinks::fanout::MAX_FANOUT_SINKS
             )));
         }
+        // Initialised here, so the crash path never pays for it.
+        dump_id_counter();
         let (sender, receiver) = sync_channel(self.capacity);
         let shared = Arc::new(Shared {
             sender,
-            next_id: AtomicU64::new(1),
             queued: AtomicU64::new(0),
             dropped_queue_full: AtomicU64::new(0),
             dropped_capture_failed: AtomicU64::new(0),

@@ -132,7 +132,8 @@ impl SandboxBuilder {
     }
 
     /// Receives the guest's debug prints; by default they are logged with
-    /// `tracing` at info level, target `sandcore::guest`.
+    /// `tracing` at info level, target `sandcore::guest`, with control
+    /// characters escaped. A custom handler gets the guest's text unescaped.
     pub fn print_handler(mut self, handler: impl Fn(&str) + Send + Sync + 'static) -> Self {
         self.print_handler = Some(Arc::new(handler));
         self
@@ -192,7 +193,7 @@ impl SandboxBuilder {
         config.transport = self.config.transport;
 
         let print_handler = self.print_handler.unwrap_or_else(|| {
-            Arc::new(|message: &str| tracing::info!(target: "sandcore::guest", "{message}"))
+            Arc::new(|message: &str| tracing::info!(target: "sandcore::guest", "{}", message.escape_debug()))
         });
 
         #[cfg(feature = "crashdump")]
