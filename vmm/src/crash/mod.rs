@@ -95,8 +95,7 @@ impl RawCrash {
         layout: &MemoryLayout,
         stop: Option<StopReason>,
     ) -> RawCrash {
-        let regs = vm.vcpu.get_regs().ok();
-        let sregs = vm.vcpu.get_sregs().ok();
+        let (regs, sregs) = vm.exit_registers();
         let cause = match exit {
             Exit::Io(PORT_EXCEPTION) => {
                 decode_exception(regs.as_ref(), sregs.as_ref(), memory, layout)

@@ -50,6 +50,10 @@ pub struct Vm {
     pub vcpu: VcpuFd,
     /// The VM.
     pub vm: VmFd,
+    /// KVM copies the general and special registers into `kvm_run` at every
+    /// exit (`KVM_CAP_SYNC_REGS`), so the crash path reads them without the
+    /// two ioctls (about 5 µs each here) that it would otherwise need.
+    sync_regs: bool,
 }
 
 impl Vm {
@@ -75,10 +79,19 @@ impl Vm {
         // the VM lives; KVM reads and writes guest memory only through it.
         unsafe { vm.set_user_memory_region(region) }
             .map_err(kvm_error("KVM_SET_USER_MEMORY_REGION"))?;
-        let vcpu = vm.create_vcpu(0).map_err(kvm_error("KVM_CREATE_VCPU"))?;
+        let mut vcpu = vm.create_vcpu(0).map_err(kvm_error("KVM_CREATE_VCPU"))?;
         vcpu.set_cpuid2(&context.cpuid)
             .map_err(kvm_error("KVM_SET_CPUID2"))?;
-        Ok(Vm { vcpu, vm })
+        let sync_regs = context.kvm.check_extension(kvm_ioctls::Cap::SyncRegs);
+        if sync_regs {
+            vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+            vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
+        }
+        Ok(Vm {
+            vcpu,
+            vm,
+            sync_regs,
+        })
     }
 
     /// Points memory slot 0 at a new host range in place of the current one.
@@ -119,6 +132,18 @@ impl Vm {
             self.vm
                 .set_user_memory_region(create)
                 .map_err(kvm_error("KVM_SET_USER_MEMORY_REGION"))
+        }
+    }
+
+    /// Registers as of the last exit: from `kvm_run` when KVM syncs them
+    /// there, otherwise with `KVM_GET_REGS` and `KVM_GET_SREGS`. `None`
+    /// where an ioctl failed.
+    pub fn exit_registers(&self) -> (Option<kvm_regs>, Option<kvm_sregs>) {
+        if self.sync_regs {
+            let synced = self.vcpu.sync_regs();
+            (Some(synced.regs), Some(synced.sregs))
+        } else {
+            (self.vcpu.get_regs().ok(), self.vcpu.get_sregs().ok())
         }
     }
 
