@@ -4,8 +4,8 @@
 //! followed by that many values. A reply is `[status: u8]` followed by one
 //! value when the status is [`ReplyStatus::Ok`], or by a message
 //! (`[length: u16][UTF-8]`) for any other status. A value is `[type: u8]`
-//! and its payload: 4 or 8 little-endian bytes for numbers, one byte (0 or
-//! 1) for `bool`, `[length: u32][bytes]` for strings and byte arrays, and
+//! and its payload: 4 or 8 little-endian bytes for numbers, one byte for
+//! `bool` (0 or 1), `[length: u32][bytes]` for strings and byte arrays, and
 //! nothing for `void`. Host-function calls from the guest use the same
 //! request and reply encoding.
 //!

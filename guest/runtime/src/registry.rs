@@ -24,7 +24,7 @@ pub enum CallError {
 
 impl<'a> Arguments<'a> {
     /// Decodes the next argument as `T`.
-    pub fn next<T: Arg<'a>>(&mut self) -> Result<T, CallError> {
+    pub fn next_argument<T: Arg<'a>>(&mut self) -> Result<T, CallError> {
         if self.remaining == 0 {
             return Err(CallError::ArgumentMismatch(alloc::format!(
                 "expected a {} as argument {}, but only {} were given",
@@ -250,7 +250,7 @@ macro_rules! register {
         $registry.add(stringify!($function), |arguments, writer| {
             let parameter_names: &[&str] = &[$(stringify!($arg)),*];
             arguments.expect_count(parameter_names.len())?;
-            let result $(: $ret)? = $function($(arguments.next::<$arg>()?),*);
+            let result $(: $ret)? = $function($(arguments.next_argument::<$arg>()?),*);
             $crate::registry::write_result(writer, &result)
         })
     };
