@@ -905,6 +905,88 @@ fn restore_while_dump_is_written(transport: Transport) {
     }
 }
 
+/// Returns the bytes of every `PT_LOAD` segment of an ELF core, in order.
+fn load_segments(core: &[u8]) -> Vec<u8> {
+    let u16_at = |at: usize| u16::from_le_bytes(core[at..at + 2].try_into().unwrap()) as usize;
+    let u64_at = |at: usize| u64::from_le_bytes(core[at..at + 8].try_into().unwrap()) as usize;
+    let table = u64_at(32);
+    let mut bytes = Vec::new();
+    for index in 0..u16_at(56) {
+        let header = table + index * 56;
+        if u32::from_le_bytes(core[header..header + 4].try_into().unwrap()) == 1 {
+            let offset = u64_at(header + 8);
+            bytes.extend_from_slice(&core[offset..offset + u64_at(header + 32)]);
+        }
+    }
+    bytes
+}
+
+/// Compares guest memory, through on-demand dumps, of a fresh sandbox and
+/// of the same sandbox after calls, a crash and a restore: every byte the
+/// guest or the host wrote must be back to the base image.
+fn restore_leaves_no_write_behind(transport: Transport) {
+    require_kvm();
+    let memory_sink = MemorySink::new(MemorySinkLimits {
+        max_dumps: 4,
+        max_total_bytes: 256 << 20,
+    });
+    let stored_dumps = memory_sink.dumps();
+    let worker = DumpWorker::builder()
+        .sink(memory_sink)
+        .build()
+        .expect("building the dump worker failed");
+    let mut sandbox = SandboxBuilder::new()
+        .guest_file(demo_guest())
+        .host_function("host_add", |a: i64, b: i64| a.wrapping_add(b))
+        .dump_worker(&worker)
+        .transport(transport)
+        .build()
+        .expect("building the sandbox failed");
+    assert_transport(&sandbox, transport);
+
+    let fresh_id = sandbox.dump().expect("dump of the fresh sandbox failed");
+    let payload = vec![0x5au8; 64 << 10];
+    let echoed: Vec<u8> = sandbox
+        .call("echo_bytes", (payload.clone(),))
+        .expect("echo_bytes failed");
+    assert_eq!(echoed, payload);
+    let _: u64 = sandbox.call("increment", ()).expect("increment failed");
+    let _: i64 = sandbox
+        .call("call_host_add", (1i64, 2i64))
+        .expect("call_host_add failed");
+    let _ = expect_error(
+        sandbox.call::<()>("crash_stack_overflow", ()),
+        "crash_stack_overflow",
+    );
+    sandbox.restore().expect("restore failed");
+    let restored_id = sandbox.dump().expect("dump of the restored sandbox failed");
+
+    for id in [fresh_id, restored_id] {
+        worker
+            .wait_for(id, DUMP_TIMEOUT)
+            .expect("dump was not written in time");
+    }
+    let fresh = load_segments(
+        &stored_dumps
+            .get(fresh_id)
+            .expect("fresh dump missing")
+            .to_elf_bytes(),
+    );
+    let restored = load_segments(
+        &stored_dumps
+            .get(restored_id)
+            .expect("restored dump missing")
+            .to_elf_bytes(),
+    );
+    assert_eq!(
+        fresh.len(),
+        restored.len(),
+        "the dumps cover different memory"
+    );
+    let first_difference = fresh.iter().zip(&restored).position(|(a, b)| a != b);
+    assert_eq!(first_difference, None, "guest memory differs after restore");
+}
+
 transport_tests!(
     null_write_backtrace,
     write_code_dump,
@@ -917,4 +999,5 @@ transport_tests!(
     memory_sink_second_copy,
     restore_after_dumped_crash,
     restore_while_dump_is_written,
+    restore_leaves_no_write_behind,
 );

@@ -181,6 +181,55 @@ impl Mapping {
         Ok(())
     }
 
+    /// Drops the private copies of the pages set in `dirty` (one bit per
+    /// page, as `KVM_GET_DIRTY_LOG` returns them) and of every page in
+    /// `also` (guest address ranges the host itself wrote). Only those
+    /// ranges are passed to `madvise`, so KVM's MMU notifier walks them and
+    /// not the whole mapping.
+    pub fn reset_dirty(&self, dirty: &[u64], also: &[(u64, u64)]) -> io::Result<()> {
+        let pages = self.size / PAGE_SIZE as usize;
+        let mut marked = dirty.to_vec();
+        marked.resize(pages.div_ceil(64), 0);
+        for &(address, length) in also {
+            let first = (address / PAGE_SIZE) as usize;
+            let end = (address + length).div_ceil(PAGE_SIZE) as usize;
+            for page in first..end.min(pages) {
+                marked[page / 64] |= 1 << (page % 64);
+            }
+        }
+        let is_marked = |page: usize| marked[page / 64] & (1 << (page % 64)) != 0;
+        let mut page = 0;
+        while page < pages {
+            if marked[page / 64] == 0 {
+                page = (page / 64 + 1) * 64;
+                continue;
+            }
+            if !is_marked(page) {
+                page += 1;
+                continue;
+            }
+            let start = page;
+            while page < pages && is_marked(page) {
+                page += 1;
+            }
+            let offset = start * PAGE_SIZE as usize;
+            let length = (page - start) * PAGE_SIZE as usize;
+            // SAFETY: the run lies inside our own mapping; MADV_DONTNEED on a
+            // private file mapping only discards our private copies.
+            let result = unsafe {
+                libc::madvise(
+                    self.address.as_ptr().add(offset).cast(),
+                    length,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if result != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
     /// Replaces the contents with a fresh private mapping of `backing` at the
     /// same address, in one `mmap(MAP_FIXED)` that never leaves the range
     /// unmapped. `backing` must have the same size.
@@ -254,5 +303,34 @@ mod tests {
         assert_eq!(mapping.as_slice()[12288], 0);
         mapping.switch_backing(snapshot).unwrap();
         assert_eq!(mapping.as_slice()[12288], 5);
+    }
+
+    #[test]
+    fn reset_dirty_reverts_only_marked_pages() {
+        let image = Arc::new(MemFile::create("test", 256 * 4096).unwrap());
+        image.seal().unwrap();
+        let mapping = Mapping::new(Arc::clone(&image)).unwrap();
+        for page in [3usize, 64, 65, 200] {
+            write(&mapping, page * 4096, 9);
+        }
+        let mut dirty = vec![0u64; 4];
+        dirty[0] |= 1 << 3;
+        dirty[1] |= 0b11;
+        mapping.reset_dirty(&dirty, &[(200 * 4096, 1)]).unwrap();
+        for page in [3usize, 64, 65, 200] {
+            assert_eq!(
+                mapping.as_slice()[page * 4096],
+                0,
+                "page {page} kept its write"
+            );
+        }
+
+        write(&mapping, 7 * 4096, 5);
+        mapping.reset_dirty(&[0; 4], &[]).unwrap();
+        assert_eq!(
+            mapping.as_slice()[7 * 4096],
+            5,
+            "an unmarked page was discarded"
+        );
     }
 }

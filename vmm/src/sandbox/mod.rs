@@ -240,9 +240,18 @@ impl Sandbox {
         // Pauses a polling vCPU thread, so the guest does not run while its
         // memory is replaced.
         self.with_vm(|_| ());
+        // The pages the guest wrote since the last restore, from KVM's dirty
+        // log, plus the two buffers the host writes itself.
+        let size = self.base.layout.memory_size;
+        let dirty = self.vcpu.with_vm(|vm| vm.take_dirty_pages(size))?;
+        let layout = &self.base.layout;
+        let host_written = [
+            (layout.input_base, layout.input_size),
+            (layout.output_base, layout.output_size),
+        ];
         match Arc::get_mut(&mut self.mapping) {
             Some(mapping) if Arc::ptr_eq(mapping.backing(), &memory) => mapping
-                .reset()
+                .reset_dirty(&dirty, &host_written)
                 .map_err(os_error("discarding private guest pages (madvise)"))?,
             Some(mapping) => mapping
                 .switch_backing(memory)

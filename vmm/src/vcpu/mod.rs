@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use kvm_bindings::{
     kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_xsave, CpuId,
-    KVM_MAX_CPUID_ENTRIES,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use sandcore_abi::layout::BOOT_INFO_ADDRESS;
@@ -70,7 +70,7 @@ impl Vm {
             .map_err(kvm_error("KVM_CREATE_VM"))?;
         let region = kvm_userspace_memory_region {
             slot: 0,
-            flags: 0,
+            flags: KVM_MEM_LOG_DIRTY_PAGES,
             guest_phys_addr: 0,
             memory_size: size,
             userspace_addr: host_address as u64,
@@ -118,7 +118,7 @@ impl Vm {
         };
         let create = kvm_userspace_memory_region {
             slot: 0,
-            flags: 0,
+            flags: KVM_MEM_LOG_DIRTY_PAGES,
             guest_phys_addr: 0,
             memory_size: size,
             userspace_addr: host_address as u64,
@@ -145,6 +145,15 @@ impl Vm {
         } else {
             (self.vcpu.get_regs().ok(), self.vcpu.get_sregs().ok())
         }
+    }
+
+    /// Returns a bitmap (one bit per 4 KiB page, 64 pages per word) of the
+    /// guest pages written since the last call, and starts a new interval.
+    /// Slot 0 logs dirty pages so that restore can discard exactly those.
+    pub fn take_dirty_pages(&self, size: u64) -> Result<Vec<u64>, SandboxError> {
+        self.vm
+            .get_dirty_log(0, size as usize)
+            .map_err(kvm_error("KVM_GET_DIRTY_LOG"))
     }
 
     /// Loads a full register state.
