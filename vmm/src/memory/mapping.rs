@@ -5,9 +5,9 @@
 //! a [`Mapping`] of it with `MAP_PRIVATE`, so guest writes land in private
 //! copy-on-write pages and one image serves every sandbox of the guest.
 //!
-//! - restore: `madvise(MADV_DONTNEED)` drops the private pages, so the
-//!   kernel's work follows the pages the guest dirtied (KVM's MMU notifier
-//!   still walks the range, about 0.1 µs per MiB on the development machine);
+//! - restore: `madvise(MADV_DONTNEED)` on the pages KVM's dirty log names
+//!   drops their private copies ([`Mapping::reset_dirty`]), so the work
+//!   follows the pages the guest dirtied, not the memory size;
 //! - switch image: `mmap(MAP_FIXED)` of another [`MemFile`] over the same
 //!   range, which replaces it without ever leaving a hole;
 //! - crash capture: the sandbox shares its mapping with the dump worker
