@@ -414,8 +414,9 @@ fn write_utc_timestamp(out: &mut String, timestamp_ns: u64) {
 }
 
 /// Converts days since 1970-01-01 to a proleptic Gregorian (year, month, day),
-/// by Howard Hinnant's `civil_from_days` algorithm.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+/// by Howard Hinnant's `civil_from_days` algorithm. Public so that tools
+/// printing dump times use the same calendar as dump file names.
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097);
