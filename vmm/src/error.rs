@@ -64,7 +64,7 @@ pub enum SandboxError {
     },
     /// The guest returned a value of another type than requested.
     #[error(
-        "guest function {function:?} returned a {actual}, but the caller expected a {expected}"
+        "guest function {function:?} returned type {actual}, but the caller expected {expected}"
     )]
     ReturnTypeMismatch {
         /// Function called.

@@ -27,7 +27,7 @@ impl<'a> Arguments<'a> {
     pub fn next_argument<T: Arg<'a>>(&mut self) -> Result<T, CallError> {
         if self.remaining == 0 {
             return Err(CallError::ArgumentMismatch(alloc::format!(
-                "expected a {} as argument {}, but only {} were given",
+                "expected type {} for argument {}, but only {} arguments were given",
                 T::TYPE.name(),
                 self.index,
                 self.index
@@ -42,7 +42,7 @@ impl<'a> Arguments<'a> {
         self.index += 1;
         T::from_value(value).ok_or_else(|| {
             CallError::ArgumentMismatch(alloc::format!(
-                "argument {index} is a {}, expected a {}",
+                "argument {index} has type {}, expected {}",
                 value.value_type().name(),
                 T::TYPE.name()
             ))

@@ -59,7 +59,7 @@ fn argument<T: FromValue>(arguments: &[WireValue<'_>], index: usize) -> Result<T
     let value = arguments[index];
     T::from_wire(value).ok_or_else(|| {
         format!(
-            "argument {index} is a {}, expected a {}",
+            "argument {index} has type {}, expected {}",
             value.value_type().name(),
             T::TYPE_NAME
         )
