@@ -189,3 +189,56 @@ fn privileged_instruction_faults() {
         matches!(e, SandboxError::GuestException { vector: 13, .. })
     });
 }
+
+/// Builds a polling sandbox of the hostile guest with `limit` as time limit.
+fn hostile_polling(limit: Option<Duration>) -> sandcore::Sandbox {
+    require_kvm();
+    let mut builder = SandboxBuilder::new()
+        .guest_file(sandcore::hostile_guest_path())
+        .guest_core_dump(false)
+        .transport(Transport::Polling {
+            idle_spin: Duration::from_millis(50),
+        });
+    if let Some(limit) = limit {
+        builder = builder.call_time_limit(limit);
+    }
+    builder.build().expect("creating the sandbox failed")
+}
+
+#[test]
+fn parked_guest_stopped_by_time_limit() {
+    let mut sandbox = hostile_polling(Some(Duration::from_millis(200)));
+    let started = std::time::Instant::now();
+    let error = sandbox
+        .call::<()>("clear_input_and_park", ())
+        .expect_err("should time out");
+    assert!(matches!(error, SandboxError::TimedOut { .. }), "{error:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the time limit took {:?}",
+        started.elapsed()
+    );
+    sandbox.restore().expect("restore failed");
+    let calls: u32 = sandbox
+        .call("healthy", ())
+        .expect("healthy after restore failed");
+    assert_eq!(calls, 1);
+}
+
+#[test]
+fn parked_guest_stopped_by_kill() {
+    let mut sandbox = hostile_polling(None);
+    let handle = sandbox.interrupt_handle();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        handle.kill()
+    });
+    let error = sandbox
+        .call::<()>("clear_input_and_park", ())
+        .expect_err("should be cancelled");
+    assert!(
+        killer.join().expect("killer thread panicked"),
+        "kill found no running call"
+    );
+    assert!(matches!(error, SandboxError::Cancelled { .. }), "{error:?}");
+}

@@ -150,3 +150,60 @@ fn exit_transport_has_no_vcpu_thread() {
         .expect("creating an exit-transport sandbox failed");
     assert_eq!(sandbox.vcpu_thread_id(), None);
 }
+
+#[test]
+fn late_kill_spares_next_call() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let mut sandbox = polling_sandbox(Duration::from_secs(1));
+    let handle = sandbox.interrupt_handle();
+    // The killer kills once per round, after a varying delay, and then
+    // reports the round as done, so no kill is in flight after that.
+    let request = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let killer = {
+        let (request, done) = (Arc::clone(&request), Arc::clone(&done));
+        std::thread::spawn(move || loop {
+            let round = request.load(Ordering::SeqCst);
+            if round == u64::MAX {
+                return;
+            }
+            if round > done.load(Ordering::SeqCst) {
+                for _ in 0..(round % 300) {
+                    std::hint::spin_loop();
+                }
+                handle.kill();
+                done.store(round, Ordering::SeqCst);
+            }
+        })
+    };
+    let mut stray = 0;
+    for round in 1..=1500u64 {
+        request.store(round, Ordering::SeqCst);
+        let aimed = sandbox.call::<u64>("sum_to", (50u64,));
+        while done.load(Ordering::SeqCst) < round {
+            std::hint::spin_loop();
+        }
+        if aimed.is_err() {
+            sandbox
+                .restore()
+                .expect("restore after a cancelled call failed");
+            continue;
+        }
+        match sandbox.call::<u64>("sum_to", (50u64,)) {
+            Ok(total) => assert_eq!(total, 1275),
+            Err(error) => {
+                stray += 1;
+                eprintln!("round {round}: a call no kill aimed at failed: {error}");
+                sandbox.restore().expect("restore failed");
+            }
+        }
+    }
+    request.store(u64::MAX, Ordering::SeqCst);
+    killer.join().expect("killer thread panicked");
+    assert_eq!(
+        stray, 0,
+        "kills aimed at a finished call cancelled the next call"
+    );
+}

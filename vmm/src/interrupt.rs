@@ -75,6 +75,11 @@ impl InterruptState {
             .store((generation + 1) << FLAG_BITS, Ordering::SeqCst);
     }
 
+    /// Returns the generation of the current (or, between calls, the next) call.
+    pub(crate) fn generation(&self) -> u64 {
+        self.word.load(Ordering::SeqCst) >> FLAG_BITS
+    }
+
     /// Returns the stop reason of the current call, if one was requested.
     pub(crate) fn stop_reason(&self) -> Option<StopReason> {
         let word = self.word.load(Ordering::SeqCst);

@@ -115,6 +115,13 @@ fn abort_length_too_large() {
     exit_forever(PORT_ABORT);
 }
 
+/// Marks its own request as taken and parks: the polling transport's vCPU
+/// thread then sleeps as if idle, and only the host's stop can end the call.
+fn clear_input_and_park() {
+    input().state.store(0, Ordering::SeqCst);
+    exit_forever(PORT_PARK);
+}
+
 fn unknown_port() {
     exit_forever(0x99);
 }
@@ -147,6 +154,7 @@ fn setup(registry: &mut Registry) {
     register!(registry, abort_without_message());
     register!(registry, abort_length_too_large());
     register!(registry, unknown_port());
+    register!(registry, clear_input_and_park());
     register!(registry, port_read());
     register!(registry, privileged_instruction());
     register!(registry, healthy() -> u32);

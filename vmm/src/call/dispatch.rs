@@ -185,9 +185,21 @@ impl Sandbox {
                 spins = 0;
                 continue;
             }
-            if let Some(exit) = polling.take_exit() {
+            if let Some((exit, exit_generation)) = polling.take_exit() {
+                if matches!(exit, Exit::Interrupted) && exit_generation != generation {
+                    // A stop aimed at an earlier call, which had returned
+                    // before the vCPU thread handed its exit over.
+                    polling.resume();
+                    continue;
+                }
                 let stop = self.interrupt.stop_reason();
-                break Err(self.crash(exit, stop));
+                break Err(self.crash_polling(exit, stop));
+            }
+            if let Some(reason) = self.interrupt.stop_reason() {
+                // The vCPU thread may sleep in park() and never see the
+                // signal (a guest that cleared its own input slot), so the
+                // caller stops the call itself; crash() pauses the thread.
+                break Err(self.crash_polling(Exit::Interrupted, Some(reason)));
             }
             spins += 1;
             if spins < CALLER_SPIN_LIMIT {
@@ -387,6 +399,17 @@ impl Sandbox {
                 ))
             }
         }
+    }
+
+    /// Polling transport: runs the crash path, then drops an exit the vCPU
+    /// thread may have handed over meanwhile, so that it cannot fail the
+    /// next call.
+    fn crash_polling(&mut self, exit: Exit, stop: Option<StopReason>) -> SandboxError {
+        let error = self.crash(exit, stop);
+        if let VcpuOwner::Thread(polling) = &self.vcpu {
+            let _ = polling.take_exit();
+        }
+        error
     }
 
     /// Decodes a crash, queues its dump and returns the caller's error.

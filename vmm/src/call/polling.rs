@@ -52,8 +52,9 @@ pub(crate) struct PollShared {
     parked: AtomicBool,
     /// The vCPU thread is outside its run loop and holds no lock.
     halted: AtomicBool,
-    /// An exit the vCPU thread did not handle, for the caller's crash path.
-    pending_exit: Mutex<Option<Exit>>,
+    /// An exit the vCPU thread did not handle, for the caller's crash path,
+    /// with the generation of the call it happened in.
+    pending_exit: Mutex<Option<(Exit, u64)>>,
     pub(crate) exit_ready: AtomicBool,
     /// The input slot; replaced when the sandbox swaps its memory mapping.
     input: Mutex<Slot>,
@@ -149,8 +150,9 @@ impl PollingVcpu {
         }
     }
 
-    /// Takes the exit the vCPU thread handed over, if any.
-    pub(crate) fn take_exit(&self) -> Option<Exit> {
+    /// Takes the exit the vCPU thread handed over, if any, with the
+    /// generation of the call that was running when it happened.
+    pub(crate) fn take_exit(&self) -> Option<(Exit, u64)> {
         if !self.shared.exit_ready.swap(false, Ordering::SeqCst) {
             return None;
         }
@@ -239,6 +241,7 @@ fn vcpu_thread(shared: &PollShared) {
         let unhandled = run_until_unhandled(shared, &mut vm);
         drop(vm);
         if let Some(exit) = unhandled {
+            let exit = (exit, shared.interrupt.generation());
             *shared
                 .pending_exit
                 .lock()
