@@ -614,7 +614,41 @@ fn snapshot_moves_between_sandboxes(transport: Transport) {
     );
 }
 
+/// A fault that cannot be delivered (the IDT is zeroed by a test hook,
+/// because guest code at CPL3 cannot reach it) shuts the vCPU down: the call
+/// returns `TripleFault`, and restore() brings back the IDT and the vCPU.
+fn triple_fault_then_restore(transport: Transport) {
+    let mut sandbox = demo_sandbox(transport);
+    sandbox.corrupt_idt_for_tests();
+    let error = expect_error(sandbox.call::<()>("crash_null", ()), "crash_null");
+    assert!(
+        matches!(error, SandboxError::TripleFault { .. }),
+        "expected a triple fault, got {error:?}"
+    );
+    assert!(
+        sandbox.is_poisoned(),
+        "a triple fault must poison the sandbox"
+    );
+
+    sandbox
+        .restore()
+        .expect("restore after a triple fault failed");
+    let sum: i32 = sandbox
+        .call("add", (2i32, 3i32))
+        .expect("add after restore failed");
+    assert_eq!(sum, 5);
+    let error = expect_error(
+        sandbox.call::<()>("crash_null", ()),
+        "crash_null after restore",
+    );
+    assert!(
+        matches!(error, SandboxError::GuestException { vector: 14, .. }),
+        "restore should bring the IDT back, got {error:?}"
+    );
+}
+
 transport_tests!(
+    triple_fault_then_restore,
     null_write_page_fault,
     write_code_page_fault,
     write_shim_page_fault,

@@ -987,6 +987,38 @@ fn restore_leaves_no_write_behind(transport: Transport) {
     assert_eq!(first_difference, None, "guest memory differs after restore");
 }
 
+/// A triple fault (the IDT zeroed by a test hook, because CPL3 code cannot
+/// reach it) is dumped like any crash, with the registers KVM reports.
+fn triple_fault_dump(transport: Transport) {
+    let mut fixture = dumping_sandbox("triple-fault", transport);
+    let sentinel: u64 = fixture
+        .sandbox
+        .call("sentinel_address", ())
+        .expect("sentinel_address failed");
+    fixture.sandbox.corrupt_idt_for_tests();
+    let error = expect_error(fixture.sandbox.call::<()>("crash_null", ()), "crash_null");
+    let SandboxError::TripleFault { rip, .. } = error else {
+        panic!("expected a triple fault, got {error:?}");
+    };
+    let dump_id = error.dump_id().expect("the triple fault queued no dump");
+    let receipt = fixture
+        .worker
+        .wait_for(dump_id, DUMP_TIMEOUT)
+        .expect("dump was not written in time");
+    assert!(receipt.succeeded(), "dump failed: {receipt:?}");
+    let core = receipt.file_path().expect("receipt has no file path");
+    let output = run_gdb(&core, &standard_commands(sentinel));
+
+    assert_terminated_with(&output, "SIGSEGV");
+    assert_eq!(
+        gdb_rip(&output),
+        rip,
+        "gdb's rip differs from the error's RIP {rip:#x}"
+    );
+    assert_sentinel(&output, sentinel);
+    assert_no_gdb_warnings(&output);
+}
+
 transport_tests!(
     null_write_backtrace,
     write_code_dump,
@@ -1000,4 +1032,5 @@ transport_tests!(
     restore_after_dumped_crash,
     restore_while_dump_is_written,
     restore_leaves_no_write_behind,
+    triple_fault_dump,
 );

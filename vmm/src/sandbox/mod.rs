@@ -78,6 +78,9 @@ pub struct Sandbox {
     pub(crate) last_call: CallReport,
     /// Host copy of a reply or host-function request, reused across calls.
     pub(crate) received: Vec<u8>,
+    /// Pages outside the two buffers that the host wrote since the last
+    /// restore (KVM's dirty log sees only guest writes), as (address, length).
+    pub(crate) host_written: Vec<(u64, u64)>,
     #[cfg(feature = "crashdump")]
     pub(crate) dumps: Option<crate::dump::DumpQueue>,
     /// Crash record for the next capture, allocated outside the crash path.
@@ -146,6 +149,7 @@ impl Sandbox {
             function: heapless::String::new(),
             last_call: CallReport::default(),
             received: Vec::with_capacity(output.capacity()),
+            host_written: Vec::new(),
             #[cfg(feature = "crashdump")]
             dumps,
             #[cfg(feature = "crashdump")]
@@ -245,10 +249,11 @@ impl Sandbox {
         let size = self.base.layout.memory_size;
         let dirty = self.vcpu.with_vm(|vm| vm.take_dirty_pages(size))?;
         let layout = &self.base.layout;
-        let host_written = [
+        let mut host_written = vec![
             (layout.input_base, layout.input_size),
             (layout.output_base, layout.output_size),
         ];
+        host_written.append(&mut self.host_written);
         match Arc::get_mut(&mut self.mapping) {
             Some(mapping) if Arc::ptr_eq(mapping.backing(), &memory) => mapping
                 .reset_dirty(&dirty, &host_written)
@@ -300,6 +305,28 @@ impl Sandbox {
             polling.set_input(self.input);
         }
         Ok(previous)
+    }
+
+    /// Zeroes the IDT in this sandbox's memory, so that the guest's next
+    /// fault cannot be delivered and ends in a triple fault. For Sandcore's
+    /// tests: a guest at CPL3 cannot reach the IDT, so this is the only way
+    /// to produce a real `KVM_EXIT_SHUTDOWN`. `restore()` undoes it.
+    #[doc(hidden)]
+    pub fn corrupt_idt_for_tests(&mut self) {
+        use crate::memory::layout::IDT_ADDRESS;
+        use sandcore_abi::layout::PAGE_SIZE;
+        self.with_vm(|_| ());
+        // SAFETY: the IDT page lies inside the mapping and the guest is
+        // stopped; the write goes to this sandbox's private copy.
+        unsafe {
+            std::ptr::write_bytes(
+                self.mapping.host_address().add(IDT_ADDRESS as usize),
+                0,
+                PAGE_SIZE as usize,
+            );
+        }
+        self.host_written.push((IDT_ADDRESS, PAGE_SIZE));
+        self.start_polling();
     }
 
     /// Saves the current guest memory and vCPU state. Copies only the pages
