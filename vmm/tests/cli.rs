@@ -286,6 +286,18 @@ fn dumps_list_info_gdb_of_crash() {
     assert!(stdout.contains("function:       crash_null"), "{stdout}");
     assert!(stdout.contains("guest:          demo"), "{stdout}");
 
+    // The dump id printed by `info` selects the same dump.
+    let dump_id = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("dump id:"))
+        .map(|id| id.trim().to_owned())
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let (code, by_id, stderr) = run(Command::new(BINARY)
+        .args(["dumps", "info", &dump_id, "--dir"])
+        .arg(dumps.path()));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(by_id, stdout, "info by dump id shows another dump");
+
     // A path selects the dump without --dir.
     let (code, stdout, stderr) = run(Command::new(BINARY)
         .args(["dumps", "info"])

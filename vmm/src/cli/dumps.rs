@@ -249,7 +249,30 @@ fn find_dump(directory: &Path, selector: &str) -> Result<DumpListing, CliError> 
         }
         _ => (directory.to_path_buf(), selector.to_owned()),
     };
-    dump_info(&directory, &selector).map_err(|error| CliError::Failure(error.to_string()))
+    match dump_info(&directory, &selector) {
+        Ok(listing) => Ok(listing),
+        Err(error) => {
+            // File-sink names carry no dump id, so a numeric selector is
+            // also looked up in the cores' own notes.
+            if let Ok(dump_id) = selector.parse::<u64>() {
+                if let Some(listing) = find_by_dump_id(&directory, dump_id) {
+                    return Ok(listing);
+                }
+            }
+            Err(CliError::Failure(error.to_string()))
+        }
+    }
+}
+
+/// Returns the dump in `directory` whose `SANDCORE` note has `dump_id`.
+fn find_by_dump_id(directory: &Path, dump_id: u64) -> Option<DumpListing> {
+    let listings = list_dumps(directory).ok()?;
+    listings.into_iter().find(|listing| {
+        read_head(&listing.path)
+            .ok()
+            .and_then(|head| read_summary(&head).ok().map(|summary| summary.dump_id))
+            == Some(dump_id)
+    })
 }
 
 /// Returns the guest binary of a dump: the demo guest for guest name `demo`,
