@@ -34,7 +34,7 @@ pub enum SandboxError {
     /// An OS call other than a KVM ioctl failed.
     #[error("{operation} failed: {source}")]
     Os {
-        /// What was attempted.
+        /// Operation that failed.
         operation: &'static str,
         /// The OS error.
         source: std::io::Error,
@@ -59,7 +59,7 @@ pub enum SandboxError {
     ArgumentMismatch {
         /// Function called.
         function: String,
-        /// What the guest found wrong.
+        /// Guest's description of the mismatch.
         message: String,
     },
     /// The guest returned a value of another type than requested.
@@ -95,7 +95,7 @@ pub enum SandboxError {
     /// The guest wrote something into shared memory that breaks the protocol.
     #[error("guest broke the call protocol: {}", reason.escape_debug())]
     ProtocolViolation {
-        /// What was wrong, with the offending value.
+        /// Description of the violation, with the offending value.
         reason: String,
     },
     /// The guest panicked.

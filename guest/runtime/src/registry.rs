@@ -11,10 +11,10 @@ pub struct Arguments<'a> {
     index: usize,
 }
 
-/// Why a call could not run; the host turns it into a typed error.
+/// Reason a call could not run; the host turns it into a typed error.
 #[derive(Debug)]
 pub enum CallError {
-    /// Wrong number or type of arguments; the text says which.
+    /// Wrong number or type of arguments; the text names which.
     ArgumentMismatch(String),
     /// The request bytes could not be decoded.
     Malformed(String),

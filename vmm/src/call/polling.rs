@@ -36,7 +36,7 @@ const STOP: u32 = 2;
 /// enough that a slow call does not burn a core.
 pub(crate) const CALLER_SPIN_LIMIT: u32 = 20_000;
 
-/// Longest futex sleep of a waiting caller before it re-checks the slot.
+/// Maximum futex sleep of a waiting caller before it re-checks the slot.
 /// Only matters if a guest fails to notify; normal wake-ups are immediate.
 pub(crate) const CALLER_SLEEP: Duration = Duration::from_millis(20);
 
@@ -106,12 +106,12 @@ impl PollingVcpu {
         Ok(vcpu)
     }
 
-    /// The vCPU thread's pthread id, for interrupt signals.
+    /// Returns the vCPU thread's pthread id, for interrupt signals.
     pub(crate) fn thread_id(&self) -> libc::pthread_t {
         self.shared.thread_id.load(Ordering::SeqCst)
     }
 
-    /// The vCPU thread's kernel thread id (for `/proc/self/task/<tid>`).
+    /// Returns the vCPU thread's kernel thread id (for `/proc/self/task/<tid>`).
     pub(crate) fn tid(&self) -> i32 {
         self.shared.tid.load(Ordering::SeqCst)
     }
@@ -190,7 +190,7 @@ impl PollingVcpu {
 
 impl PollingVcpu {
     /// Stops and joins the vCPU thread. Must run while the interrupt state
-    /// still knows the vCPU, because a guest spinning in `KVM_RUN` only
+    /// still has the vCPU's `immediate_exit`, because a guest spinning in `KVM_RUN` only
     /// leaves it through a kick.
     pub(crate) fn stop(&mut self) {
         let Some(thread) = self.thread.take() else {

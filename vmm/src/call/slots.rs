@@ -25,12 +25,12 @@ unsafe impl Send for Slot {}
 unsafe impl Sync for Slot {}
 
 impl Slot {
-    /// The input buffer of a sandbox running on `mapping`.
+    /// Returns the input buffer of a sandbox running on `mapping`.
     pub fn input(mapping: &Mapping, layout: &MemoryLayout) -> Slot {
         Slot::within(mapping, layout.input_base, layout.input_size)
     }
 
-    /// The output buffer of a sandbox running on `mapping`.
+    /// Returns the output buffer of a sandbox running on `mapping`.
     pub fn output(mapping: &Mapping, layout: &MemoryLayout) -> Slot {
         Slot::within(mapping, layout.output_base, layout.output_size)
     }
@@ -48,7 +48,7 @@ impl Slot {
         }
     }
 
-    /// The slot header.
+    /// Returns the slot header.
     pub fn header(&self) -> &SlotHeader {
         // SAFETY: the buffer starts page-aligned with a SlotHeader made of
         // atomics, so shared access from host and guest is sound.
@@ -60,7 +60,7 @@ impl Slot {
         self.size - PAYLOAD_OFFSET
     }
 
-    /// The payload area for writing.
+    /// Returns the payload area for writing.
     ///
     /// # Safety
     /// The guest must not access the payload while the slice lives (the vCPU
@@ -71,7 +71,7 @@ impl Slot {
         unsafe { std::slice::from_raw_parts_mut(self.base.add(PAYLOAD_OFFSET), self.capacity()) }
     }
 
-    /// The payload bytes the header claims, or `Err(claimed)` if the claimed
+    /// Returns the payload bytes the header claims, or `Err(claimed)` if the claimed
     /// length exceeds the buffer.
     ///
     /// # Safety

@@ -34,22 +34,22 @@ pub(crate) struct DumpRequest {
 pub struct SinkResult {
     /// Sink name (`file`, `memory`, `socket`, or a custom sink's).
     pub sink: String,
-    /// Where the dump went (a path, an address), or the sink's typed error.
+    /// Location of the stored dump (a path, an address), or the sink's typed error.
     pub outcome: Result<String, SinkError>,
 }
 
-/// What happened to one dump, available once the worker finished it.
+/// Outcome of one dump, available once the worker finished it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DumpReceipt {
     /// Dump id, as carried by the caller's error.
     pub dump_id: DumpId,
     /// Sandbox that crashed.
     pub sandbox_id: u64,
-    /// Why it was dumped.
+    /// Cause of the dump.
     pub kind: CrashKind,
     /// Logical size of the core in bytes (holes included).
     pub bytes: u64,
-    /// Time from dequeue to the last sink's answer.
+    /// Time from dequeue to the last sink's result.
     pub elapsed: Duration,
     /// Each sink's result, in the order the sinks were added.
     pub sinks: Vec<SinkResult>,
@@ -276,7 +276,7 @@ impl DumpWorker {
         DumpWorkerBuilder::default()
     }
 
-    /// The process-wide file worker for `dir` (or, if `None`, for the
+    /// Returns the process-wide file worker for `dir` (or, if `None`, for the
     /// directory from `SANDCORE_CORE_DUMP_DIR`, `HYPERLIGHT_CORE_DUMP_DIR` or
     /// the system temp directory). An unusable directory falls back to the
     /// temp directory with a logged warning.
@@ -319,7 +319,7 @@ impl DumpWorker {
         }
     }
 
-    /// The receipt of dump `dump_id`, if the worker has finished it.
+    /// Returns the receipt of dump `dump_id`, if the worker has finished it.
     pub fn receipt(&self, dump_id: DumpId) -> Option<DumpReceipt> {
         let progress = self
             .owner
