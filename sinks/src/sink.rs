@@ -32,7 +32,7 @@ pub struct DumpMetadata {
     pub guest_name: heapless::String<{ crate::snapshot::MAX_GUEST_NAME }>,
     /// GNU build id of the guest binary, empty if none.
     pub build_id: heapless::Vec<u8, { crate::snapshot::MAX_BUILD_ID }>,
-    /// Why the dump was taken.
+    /// Cause of the dump.
     pub kind: CrashKind,
     /// Wall-clock time of the crash, nanoseconds since the Unix epoch.
     pub timestamp_ns: u64,
@@ -66,7 +66,7 @@ pub const MAX_ERROR_MESSAGE: usize = 256;
 pub struct SinkError {
     /// Broad class of the failure.
     pub kind: SinkErrorKind,
-    /// What failed, on which value, and what to do next.
+    /// Description of the failure: what failed, on which value, and the fix.
     pub message: heapless::String<MAX_ERROR_MESSAGE>,
 }
 
@@ -95,10 +95,10 @@ impl core::fmt::Display for SinkError {
 #[cfg(feature = "std")]
 impl std::error::Error for SinkError {}
 
-/// What a sink reports for a dump it stored.
+/// Report of a sink for a dump it stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SinkReceipt {
-    /// Where the dump went: a file path, `memory`, or the collector address.
+    /// Location of the dump: a file path, `memory`, or the collector address.
     pub location: heapless::String<{ crate::snapshot::MAX_GUEST_PATH }>,
     /// Bytes the sink stored or sent (holes count as their length).
     pub bytes: u64,

@@ -4,7 +4,7 @@
 //! [`CrashSnapshot`] between the VM exit and the queue push without touching
 //! the heap. Guest memory is not copied into the snapshot: it is reached
 //! through a [`GuestMemorySource`], which the VMM implements over the mapping
-//! it moved out of the crashed sandbox.
+//! it shares with the crashed sandbox until that sandbox is restored.
 
 use bitflags::bitflags;
 
@@ -72,7 +72,7 @@ pub struct ControlRegisters {
     pub efer: u64,
 }
 
-/// Why the dump was taken.
+/// Cause of a dump.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CrashKind {
     /// A CPU exception delivered through the ring-0 shim.
@@ -220,7 +220,7 @@ pub struct CrashInfo {
     pub sandbox_id: u64,
     /// Wall-clock time of the crash, nanoseconds since the Unix epoch.
     pub timestamp_ns: u64,
-    /// Why the dump was taken.
+    /// Cause of the dump.
     pub kind: CrashKind,
     /// Registers at the faulting instruction.
     pub registers: Registers,

@@ -21,7 +21,7 @@ pub const MIN_STACK_SIZE: u64 = 16 << 10;
 /// Smallest heap accepted: 64 KiB.
 pub const MIN_HEAP_SIZE: u64 = 64 << 10;
 
-/// How calls reach the guest.
+/// Way calls reach the guest.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Transport {
     /// The vCPU runs on the calling thread; each call costs one VM exit.
@@ -55,7 +55,7 @@ pub struct SandboxConfiguration {
     pub dump_on_timeout: bool,
     /// Write crash dumps for this sandbox (only with the `crashdump` feature).
     pub guest_core_dump: bool,
-    /// How calls reach the guest.
+    /// Way calls reach the guest.
     pub transport: Transport,
 }
 

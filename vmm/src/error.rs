@@ -75,7 +75,7 @@ pub enum SandboxError {
         actual: &'static str,
     },
     /// The encoded request does not fit into the input buffer.
-    #[error("call to {function:?} needs {needed} bytes but the input buffer holds {available}; raise input_buffer_size")]
+    #[error("call to {function:?} needs {needed} bytes but the input buffer has room for {available}; raise input_buffer_size")]
     RequestTooLarge {
         /// Function called.
         function: String,

@@ -19,7 +19,7 @@ const NT_GNU_BUILD_ID: u32 = 3;
 const EHDR_SIZE: usize = 64;
 const PHDR_SIZE: usize = 56;
 
-/// Why a guest binary was rejected.
+/// Reason a guest binary was rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum GuestBinaryError {
     /// The file is shorter than an ELF header.

@@ -5,7 +5,7 @@
 //! return `EINTR`; `immediate_exit` covers the window just before the thread
 //! enters `KVM_RUN`, where a signal alone would be lost.
 //!
-//! One atomic word holds the call's generation, a running bit and the stop
+//! One atomic word contains the call's generation, a running bit and the stop
 //! reason, so a stop request aimed at one call can never stop the next one.
 
 use std::cmp::Reverse;
@@ -23,7 +23,7 @@ const FLAG_BITS: u32 = 3;
 /// `KVM_RUN`. Its handler does nothing; the interruption is the point.
 pub const INTERRUPT_SIGNAL_OFFSET: i32 = 2;
 
-/// Why a call stopped early.
+/// Reason a call stopped early.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopReason {
     /// [`InterruptHandle::kill`].

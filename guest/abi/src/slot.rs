@@ -4,7 +4,7 @@
 //! The input buffer carries call requests from host to guest. The output
 //! buffer carries everything the guest sends: call replies, host-function
 //! calls, and the panic message; the host writes host-function replies into
-//! the output buffer too, because the input buffer still holds the arguments
+//! the output buffer too, because the input buffer still contains the arguments
 //! the running guest function borrows.
 //!
 //! # Memory ordering
@@ -29,12 +29,12 @@ use core::sync::atomic::{AtomicU32, AtomicU64};
 
 /// Input slot is free: the host may write the next request.
 pub const INPUT_EMPTY: u32 = 0;
-/// Input slot holds a call request the guest has not finished.
+/// Input slot contains a call request the guest has not finished.
 pub const INPUT_CALL: u32 = 1;
 
 /// Output slot is free.
 pub const OUTPUT_EMPTY: u32 = 0;
-/// Output slot holds the reply to the current call.
+/// Output slot contains the reply to the current call.
 pub const OUTPUT_REPLY: u32 = 1;
 /// Output slot holds a host-function call from the guest.
 pub const OUTPUT_HOST_CALL: u32 = 2;

@@ -9,7 +9,7 @@ use crate::registry::Registry;
 use crate::shared::{self, Buffer};
 
 /// Initialises the runtime, runs the guest's setup function once, then serves
-/// calls forever. The first park tells the host that initialisation is done.
+/// calls forever. The first park signals the host that initialisation is done.
 pub fn run(boot_info: u64, setup: fn(&mut Registry)) -> ! {
     shared::set_boot_info(boot_info);
     let info = shared::boot_info();

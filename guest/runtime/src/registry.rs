@@ -222,7 +222,7 @@ impl Registry {
 fn write_error(reply: &mut [u8], status: ReplyStatus, message: &str) -> usize {
     let mut writer = Writer::new(reply);
     // A reply buffer smaller than the error is the host's configuration
-    // error; the host then sees an empty, undecodable reply and says so.
+    // error; the host then gets an empty, undecodable reply and reports it.
     match writer.put_error_reply(status, message) {
         Ok(()) => writer.position(),
         Err(_) => 0,

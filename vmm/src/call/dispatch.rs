@@ -196,9 +196,10 @@ impl Sandbox {
                 break Err(self.crash_polling(exit, stop));
             }
             if let Some(reason) = self.interrupt.stop_reason() {
-                // The vCPU thread may sleep in park() and never see the
-                // signal (a guest that cleared its own input slot), so the
-                // caller stops the call itself; crash() pauses the thread.
+                // A guest that cleared its own input slot leaves the vCPU
+                // thread asleep in park(), where the signal never reaches
+                // it. So the caller stops the call itself, and crash()
+                // pauses the thread.
                 break Err(self.crash_polling(Exit::Interrupted, Some(reason)));
             }
             spins += 1;

@@ -7,14 +7,14 @@ use sandcore_abi::encoding::Value as WireValue;
 
 use super::values::{FromValue, IntoValue, Value};
 
-/// Result of a host function as the guest sees it: a value, or an error
+/// Result of a host function as the guest receives it: a value, or an error
 /// message that the guest receives with status `HostFunctionFailed`.
 pub type HostResult = Result<Value, String>;
 
 /// A type-erased host function.
 pub type DynHostFunction = dyn Fn(&[WireValue<'_>]) -> HostResult + Send + Sync;
 
-/// What a host closure may return: a value, or `Result<value, error>` whose
+/// Return type of a host closure: a value, or `Result<value, error>` whose
 /// error text is sent to the guest.
 pub trait HostReturn {
     /// Converts into the guest-visible result.

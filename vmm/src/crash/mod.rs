@@ -44,7 +44,7 @@ pub struct ExceptionFrame {
     pub ss: u64,
 }
 
-/// Why the guest stopped, decoded without allocating.
+/// Cause of a guest stop, decoded without allocating.
 // The panic message is inline on purpose: boxing it would allocate on the
 // crash path.
 #[allow(clippy::large_enum_variant)]
@@ -107,7 +107,10 @@ impl RawCrash {
                 Some(StopReason::TimedOut) => CrashCause::TimedOut,
                 _ => CrashCause::Cancelled,
             },
-            Exit::Other { what, detail } => unexpected(format_args!("{what} {detail:#x}")),
+            Exit::Other {
+                description,
+                detail,
+            } => unexpected(format_args!("{description} {detail:#x}")),
             Exit::Failed(error) => {
                 unexpected(format_args!("KVM_RUN failed with errno {}", error.errno()))
             }

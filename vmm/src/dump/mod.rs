@@ -1,16 +1,15 @@
 //! The dump pipeline after the vCPU thread: a bounded queue, one worker
 //! thread per [`DumpWorker`], and the sinks it writes each core to.
 //!
-//! The vCPU thread only pushes a [`DumpRequest`] (registers plus the crashed
-//! memory mapping, moved, not copied) with `try_send`; when the queue is full
-//! the dump is dropped, counted and logged, and the guest call returns at
-//! once either way. The worker serializes the ELF core once and streams it to
-//! every sink through a fan-out, so one failing sink does not stop the others.
+//! The vCPU thread only pushes a [`DumpRequest`]: registers plus a shared
+//! handle to the crashed memory mapping, which is neither moved nor copied.
+//! It uses `try_send`, so when the queue is full the dump is dropped, counted
+//! and logged. Either way the guest call returns at once.
 
 mod worker;
 
 pub use worker::{flush_all, DumpReceipt, DumpStats, DumpWorker, DumpWorkerBuilder, SinkResult};
 pub(crate) use worker::{DumpQueue, DumpRequest};
 
-/// Default number of crash snapshots the queue holds before dropping new ones.
+/// Default queue capacity in crash snapshots; further ones are dropped.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 16;

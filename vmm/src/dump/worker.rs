@@ -23,7 +23,7 @@ use super::DEFAULT_QUEUE_CAPACITY;
 const RECEIPTS_KEPT: usize = 1024;
 
 /// One crash on its way to the sinks: what the vCPU thread captured, and the
-/// crashed guest memory it moved out of the sandbox.
+/// crashed guest memory it shares with the sandbox until restore().
 pub(crate) struct DumpRequest {
     pub(crate) info: Box<CrashInfo>,
     pub(crate) memory: Arc<Mapping>,
@@ -413,7 +413,7 @@ fn wait_idle(shared: &Shared, timeout: Option<Duration>) -> bool {
     }
 }
 
-/// Guest memory moved out of a crashed sandbox, with the kernel's record of
+/// Guest memory of a crashed sandbox, with the kernel's record of
 /// which pages were ever touched, so untouched pages become holes unread.
 struct CapturedMemory {
     mapping: Arc<Mapping>,

@@ -63,7 +63,7 @@ impl MemFile {
     }
 
     /// Forbids any further change to the contents or size, so every sandbox
-    /// mapping this image sees the same bytes. Fails if a shared writable
+    /// mapping this image reads the same bytes. Fails if a shared writable
     /// mapping still exists.
     pub fn seal(&self) -> io::Result<()> {
         let seals =

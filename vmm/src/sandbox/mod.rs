@@ -79,7 +79,7 @@ pub struct Sandbox {
     /// Host copy of a reply or host-function request, reused across calls.
     pub(crate) received: Vec<u8>,
     /// Pages outside the two buffers that the host wrote since the last
-    /// restore (KVM's dirty log sees only guest writes), as (address, length).
+    /// restore (KVM's dirty log records only guest writes), as (address, length).
     pub(crate) host_written: Vec<(u64, u64)>,
     #[cfg(feature = "crashdump")]
     pub(crate) dumps: Option<crate::dump::DumpQueue>,
@@ -163,7 +163,7 @@ impl Sandbox {
 
     /// Tells the guest how long to spin for requests (zero on the exit
     /// transport) and lets a polling vCPU thread run. Needed after every
-    /// change of memory image, because an image holds the idle time of the
+    /// change of memory image, because an image contains the idle time of the
     /// sandbox it was taken from.
     pub(crate) fn start_polling(&self) {
         let header = self.input.header();

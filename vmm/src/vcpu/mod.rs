@@ -216,7 +216,7 @@ impl Vm {
             Ok(VcpuExit::IoOut(port, _)) => Exit::Io(port),
             Ok(VcpuExit::Shutdown) => Exit::Shutdown,
             Ok(VcpuExit::Hlt) => Exit::Other {
-                what: "HLT exit",
+                description: "HLT exit",
                 detail: 0,
             },
             Ok(VcpuExit::InternalError) => {
@@ -225,28 +225,28 @@ impl Vm {
                 // because the exit reason is KVM_EXIT_INTERNAL_ERROR.
                 let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
                 Exit::Other {
-                    what: "KVM_EXIT_INTERNAL_ERROR (1 = emulation failure), suberror",
+                    description: "KVM_EXIT_INTERNAL_ERROR (1 = emulation failure), suberror",
                     detail: suberror as u64,
                 }
             }
             Ok(VcpuExit::FailEntry(reason, _)) => Exit::Other {
-                what: "KVM_EXIT_FAIL_ENTRY, hardware entry failure reason",
+                description: "KVM_EXIT_FAIL_ENTRY, hardware entry failure reason",
                 detail: reason,
             },
             Ok(VcpuExit::IoIn(port, _)) => Exit::Other {
-                what: "port read from port",
+                description: "port read from port",
                 detail: port as u64,
             },
             Ok(VcpuExit::MmioRead(address, _)) => Exit::Other {
-                what: "MMIO read at unbacked address",
+                description: "MMIO read at unbacked address",
                 detail: address,
             },
             Ok(VcpuExit::MmioWrite(address, _)) => Exit::Other {
-                what: "MMIO write at unbacked address",
+                description: "MMIO write at unbacked address",
                 detail: address,
             },
             Ok(_) => Exit::Other {
-                what: "unhandled KVM exit",
+                description: "unhandled KVM exit",
                 detail: 0,
             },
             Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => {
@@ -275,7 +275,7 @@ pub enum Exit {
     /// Any other exit.
     Other {
         /// What happened.
-        what: &'static str,
+        description: &'static str,
         /// The exit's address, port or reason code.
         detail: u64,
     },
